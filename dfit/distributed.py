@@ -3,12 +3,22 @@
 One place knows how the process was started (torchrun, an srun step, mpirun, dfit's own spawn, or
 nothing at all) and turns that into a torch.distributed process group. World size 1 never creates a
 process group: every reduction here is then the identity, so one process and N processes run the same code.
+
+Failure policy: in a multi-process job an unhandled exception on any rank must end the whole job and say
+which rank failed. Under MPI that needs ``MPI_Abort`` (MPI's default lets the other ranks wait forever);
+under torchrun the traceback goes to torch elastic's error file so the launcher can print it. Both hooks
+are installed when this module is imported inside such a job, so a failure before the first ``fit`` is
+covered too.
 """
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import sys
+import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +29,11 @@ __all__ = [
     "init", "rank", "local_rank", "world_size", "is_chief", "barrier", "shutdown", "environment",
     "device", "backend", "all_reduce_sum", "all_reduce_max", "broadcast_object", "all_gather_objects",
 ]
+
+_log = logging.getLogger("dfit.distributed")
+
+# The rendezvous store is served by someone other than rank 0 (dfit's spawning parent process).
+EXTERNAL_STORE_ENV = "DFIT_EXTERNAL_STORE"
 
 
 @dataclass(frozen=True)
@@ -37,16 +52,35 @@ class LaunchInfo:
 _state: dict[str, Any] = {"info": None, "backend": None, "device": None, "owns_group": False}
 
 
-def _int_env(env: dict, *names: str, default: int | None = None) -> int | None:
+def _int_env(env: Any, *names: str, default: int | None = None) -> int | None:
     for name in names:
         value = env.get(name)
         if value not in (None, ""):
-            return int(value)
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
     return default
 
 
+def _expand_brackets(spec: str) -> list[str]:
+    """``03-05,9`` -> ``["03", "04", "05", "9"]`` (zero padding kept)."""
+    out: list[str] = []
+    for part in spec.split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            width = len(lo)
+            out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+        elif part:
+            out.append(part)
+    return out
+
+
 def first_host(nodelist: str) -> str:
-    """First host name of a Slurm node list such as ``node[03-05,9],gpu1`` (-> ``node03``)."""
+    """First host name of a Slurm node list such as ``node[03-05,9],gpu1`` (-> ``node03``).
+
+    Handles several bracket groups in one name (``rack[1-2]-node[07-08]`` -> ``rack1-node07``).
+    """
     nodelist = nodelist.strip()
     head = ""
     depth = 0
@@ -56,51 +90,83 @@ def first_host(nodelist: str) -> str:
         depth += ch == "["
         depth -= ch == "]"
         head += ch
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    first = rest.split("]", 1)[0].split(",")[0].split("-")[0]
-    return prefix + first + rest.split("]", 1)[1] if "]" in rest else prefix + first
+    host = ""
+    rest = head
+    while "[" in rest:
+        prefix, rest = rest.split("[", 1)
+        inside, rest = rest.split("]", 1) if "]" in rest else (rest, "")
+        host += prefix + _expand_brackets(inside)[0]
+    return host + rest
 
 
-def slurm_port(job_id: str | int) -> int:
-    """A rendezvous port derived from the job id, so all tasks of a step agree without talking."""
-    return 20000 + int(job_id) % 20000
+def _tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node ``node_id`` from Slurm's compressed ``2(x3),1`` notation."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        if "(x" in part:
+            n, rep = part.rstrip(")").split("(x")
+            counts.extend([int(n)] * int(rep))
+        elif part:
+            counts.append(int(part))
+    if not counts:
+        return 1
+    return counts[node_id] if 0 <= node_id < len(counts) else counts[0]
 
 
-def detect(env: dict | None = None) -> LaunchInfo:
+def slurm_port(job_id: str | int, step_id: str | int = 0) -> int:
+    """A rendezvous port derived from the job id, so all tasks of a step agree without talking.
+
+    The step id is mixed in so two steps of one job running at once do not collide. The range
+    (20000-32767) stays below Linux's ephemeral ports, where outgoing connections would compete.
+    """
+    try:
+        step = int(step_id)
+    except (TypeError, ValueError):
+        step = 0
+    return 20000 + (int(job_id) * 31 + step) % 12768
+
+
+def detect(env: Any = None) -> LaunchInfo:
     """Work out the launch environment from the process environment, without any communication.
 
-    Order: dfit spawn, torchrun/torch elastic, Open MPI, MPICH/Hydra/Intel MPI, an srun job step, local.
-    A Slurm batch shell outside srun (no ``SLURM_STEP_ID``) is a single local process.
+    Order: dfit spawn, torchrun/torch elastic, Open MPI, MPICH/Hydra/Intel MPI/MVAPICH, an srun job step,
+    local. MPI comes before Slurm because ``mpirun`` inside an allocation starts its daemons with srun
+    (their children see the daemon step's SLURM_* values). A Slurm batch shell outside srun (no numeric
+    ``SLURM_STEP_ID``) is a single local process even though ``SLURM_NTASKS`` says otherwise.
     """
     env = os.environ if env is None else env
     if env.get("DFIT_SPAWN") == "1":
-        return LaunchInfo("spawn", int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])),
-                          int(env["WORLD_SIZE"]), int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+        world = _int_env(env, "WORLD_SIZE", default=1)
+        rank_ = _int_env(env, "RANK", default=0)
+        return LaunchInfo("spawn", rank_, _int_env(env, "LOCAL_RANK", default=rank_), world,
+                          _int_env(env, "LOCAL_WORLD_SIZE", default=world),
                           env.get("MASTER_ADDR", "127.0.0.1"), _int_env(env, "MASTER_PORT"))
     if env.get("TORCHELASTIC_RUN_ID") is not None or ("RANK" in env and "WORLD_SIZE" in env):
-        world = int(env.get("WORLD_SIZE", 1))
-        return LaunchInfo("torchrun", int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), world,
-                          int(env.get("LOCAL_WORLD_SIZE", world)), env.get("MASTER_ADDR"),
+        world = _int_env(env, "WORLD_SIZE", default=1)
+        return LaunchInfo("torchrun", _int_env(env, "RANK", default=0), _int_env(env, "LOCAL_RANK", default=0),
+                          world, _int_env(env, "LOCAL_WORLD_SIZE", default=world), env.get("MASTER_ADDR"),
                           _int_env(env, "MASTER_PORT"))
-    mpi_rank = _int_env(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-    mpi_size = _int_env(env, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "OMPI_WORLD_SIZE")
+    # Open MPI, then MPICH/Hydra and Intel MPI (PMI_*), MVAPICH2, Cray PALS.
+    mpi_rank = _int_env(env, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK", "PALS_RANKID",
+                        "PMIX_RANK")
+    mpi_size = _int_env(env, "OMPI_COMM_WORLD_SIZE", "OMPI_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
     if mpi_rank is not None and mpi_size is not None:
-        local = _int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PALS_LOCAL_RANKID",
-                         default=mpi_rank)
-        local_size = _int_env(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", default=mpi_size)
+        local = _int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
+                         "PALS_LOCAL_RANKID", default=mpi_rank)
+        local_size = _int_env(env, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+                              "MV2_COMM_WORLD_LOCAL_SIZE", default=mpi_size)
         return LaunchInfo("mpi", mpi_rank, local, mpi_size, local_size,
                           env.get("MASTER_ADDR"), _int_env(env, "MASTER_PORT"))
-    if env.get("SLURM_STEP_ID") is not None and env.get("SLURM_PROCID") is not None:
+    step = env.get("SLURM_STEP_ID")
+    if step is not None and step.isdigit() and env.get("SLURM_PROCID") is not None:
         world = _int_env(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
         addr = env.get("MASTER_ADDR") or first_host(nodes)
-        port = _int_env(env, "MASTER_PORT", default=slurm_port(env.get("SLURM_JOB_ID", "0")))
+        port = _int_env(env, "MASTER_PORT", default=slurm_port(env.get("SLURM_JOB_ID", "0"), step))
         local_size = world
         per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
         if per_node:
-            local_size = int(per_node.split("(")[0].split(",")[0])
+            local_size = _tasks_on_node(per_node, _int_env(env, "SLURM_NODEID", default=0))
         return LaunchInfo("slurm", int(env["SLURM_PROCID"]), _int_env(env, "SLURM_LOCALID", default=0),
                           world, local_size, addr, port)
     return LaunchInfo("local")
@@ -108,7 +174,7 @@ def detect(env: dict | None = None) -> LaunchInfo:
 
 def environment() -> str:
     """Name of the launch environment: torchrun, slurm, mpi, spawn or local."""
-    return (_state["info"] or detect()).environment
+    return _info().environment
 
 
 def _info() -> LaunchInfo:
@@ -116,18 +182,22 @@ def _info() -> LaunchInfo:
 
 
 def rank() -> int:
+    """This process's global rank (0 on one process)."""
     return _info().rank
 
 
 def local_rank() -> int:
+    """This process's rank on its node (its GPU index under NCCL)."""
     return _info().local_rank
 
 
 def world_size() -> int:
+    """Number of processes in the job."""
     return _info().world_size
 
 
 def is_chief() -> bool:
+    """True on rank 0, the only rank with side effects (printing, files)."""
     return rank() == 0
 
 
@@ -153,58 +223,142 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
-    """Rank 0 picks its host name and a free port; mpi4py hands them to every rank."""
-    if info.master_addr and info.master_port:
-        return info
+# --------------------------------------------------------------------------------------------------
+# Failure hooks: an unhandled exception on one rank ends the job and names the rank.
+
+def _mpi_module():
+    """mpi4py's MPI module (importing it initialises MPI), or None when mpi4py is not installed."""
     try:
         from mpi4py import MPI
-    except ImportError as exc:  # pragma: no cover - depends on the install
+    except ImportError:
+        return None
+    return MPI
+
+
+def _failure_hook(info: LaunchInfo, previous):
+    """sys.excepthook for a rank of a multi-process job: print the traceback naming the rank, record it for
+    torch elastic, and under MPI abort the whole job.
+
+    It writes to the real stderr (``sys.__stderr__``) itself: torch's own excepthook, installed later by
+    ``init_process_group``, buffers the output of the hook it wraps and would lose it to ``MPI_Abort``.
+    """
+    def hook(exc_type, exc, tb):
+        out = sys.__stderr__
+        try:
+            if out is None:
+                previous(exc_type, exc, tb)
+            else:
+                lines = [f"[dfit] rank {info.rank} of {info.world_size} ({info.environment}) failed with an "
+                         f"unhandled {exc_type.__name__}: {exc}\n"]
+                lines += traceback.format_exception(exc_type, exc, tb)
+                text = "".join(lines)
+                out.write("".join(f"[rank{info.rank}]: {line}\n" for line in text.rstrip("\n").split("\n")))
+                out.flush()
+            if info.environment == "torchrun" and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+                # What torch's errors.record writes, so the launcher prints it as the root cause.
+                from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+                if exc is not None and not os.path.exists(os.environ["TORCHELASTIC_ERROR_FILE"]):
+                    ErrorHandler().record_exception(exc)
+        finally:
+            if info.environment == "mpi" and not issubclass(exc_type, KeyboardInterrupt):
+                mpi = _mpi_module()
+                if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+                    if out is not None:
+                        out.write(f"[rank{info.rank}]: [dfit] aborting the MPI job (MPI_Abort)\n")
+                        out.flush()
+                    sys.stdout.flush()
+                    # Give mpiexec's stdio forwarding a moment: Abort tears the job down at once.
+                    time.sleep(float(os.environ.get("DFIT_MPI_ABORT_DELAY", "0.2")))
+                    mpi.COMM_WORLD.Abort(1)
+
+    hook._dfit_failure_hook = True  # type: ignore[attr-defined]
+    return hook
+
+
+def install_failure_hooks(info: LaunchInfo | None = None) -> None:
+    """Make an unhandled exception on one rank end the whole job, with a message naming the rank.
+
+    Idempotent; does nothing on a single process. Under MPI it imports mpi4py (MPI_Init) so the
+    excepthook can call ``MPI_Abort``; all ranks import dfit at start-up, so Init is collective-safe.
+    """
+    info = info or detect()
+    if info.world_size <= 1 or getattr(sys.excepthook, "_dfit_failure_hook", False):
+        return
+    if info.environment == "mpi":
+        _mpi_module()  # initialise MPI now, while every rank is starting up
+    sys.excepthook = _failure_hook(info, sys.excepthook)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendezvous
+
+def _mpi_rendezvous(info: LaunchInfo, timeout: datetime.timedelta) -> tuple[LaunchInfo, dist.Store | None]:
+    """Rank 0 opens the store on a port the OS picks; mpi4py hands its address to every rank.
+
+    Returns the rank's info with the address filled in, and rank 0's already-open store.
+    """
+    if info.master_addr and info.master_port:
+        return info, None
+    MPI = _mpi_module()
+    if MPI is None:
         raise RuntimeError(
-            f"rank {info.rank}: started by MPI but mpi4py is not installed; pip install 'dfit[mpi]'"
-        ) from exc
+            f"rank {info.rank}: started by MPI but mpi4py is not installed; pip install 'dfit[mpi]' "
+            "(or set MASTER_ADDR and MASTER_PORT)"
+        )
     comm = MPI.COMM_WORLD
     if comm.Get_size() != info.world_size:
         raise RuntimeError(
             f"rank {info.rank}: MPI reports {comm.Get_size()} processes but the environment says "
-            f"{info.world_size}; is mpi4py using the same MPI runtime as mpirun?"
+            f"{info.world_size}; is mpi4py using the same MPI runtime as mpirun? (under srun use "
+            "--mpi=pmi2 or leave MPI out: dfit reads the SLURM variables)"
         )
-    address = (socket.gethostname(), free_port()) if comm.Get_rank() == 0 else None
+    store = None
+    address = None
+    if comm.Get_rank() == 0:
+        store = dist.TCPStore("127.0.0.1", 0, info.world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        address = (socket.gethostname(), store.port)
     addr, port = comm.bcast(address, root=0)
     if addr == socket.gethostname():
         addr = "127.0.0.1"
-    return LaunchInfo(info.environment, info.rank, info.local_rank, info.world_size,
-                      info.local_world_size, addr, port)
+    new = LaunchInfo(info.environment, info.rank, info.local_rank, info.world_size,
+                     info.local_world_size, addr, port)
+    return new, store
 
 
-def _store(info: LaunchInfo, timeout: datetime.timedelta) -> dist.Store:
+def _store(info: LaunchInfo, timeout: datetime.timedelta, server: dist.Store | None = None) -> dist.Store:
     """A key-value store for the rendezvous, namespaced per elastic attempt.
 
-    Under torchrun the agent's store is reused (a port of our own would never get a server) with a
-    prefix per restart, so restarted workers never read a dead attempt's addresses.
+    Under torchrun the agent's store is reused when it says so (``TORCHELASTIC_USE_AGENT_STORE``; a port of
+    our own would never get a server), with a prefix per restart, so restarted workers never read a dead
+    attempt's gloo addresses.
     """
-    if info.master_addr is None or info.master_port is None:
-        raise RuntimeError(
-            f"rank {info.rank}: no rendezvous address; set MASTER_ADDR and MASTER_PORT"
-        )
-    if info.environment == "torchrun":
-        is_master = False if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else info.rank == 0
-    else:
-        is_master = info.rank == 0
-    store = dist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=is_master,
-                          timeout=timeout, wait_for_workers=False)
+    if server is None:
+        if info.master_addr is None or info.master_port is None:
+            raise RuntimeError(
+                f"rank {info.rank}: no rendezvous address; set MASTER_ADDR and MASTER_PORT"
+            )
+        external = (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                    or os.environ.get(EXTERNAL_STORE_ENV) == "1")
+        server = dist.TCPStore(info.master_addr, info.master_port, info.world_size,
+                               is_master=(not external and info.rank == 0), timeout=timeout,
+                               wait_for_workers=False)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "dfit")
-    return dist.PrefixStore(f"dfit/{run_id}/attempt_{attempt}/", store)
+    return dist.PrefixStore(f"dfit/{run_id}/attempt_{attempt}/", server)
 
 
 def init(backend: str | None = None, timeout: float | datetime.timedelta | None = None) -> LaunchInfo:
-    """Join the job's process group (idempotent). A single process creates no group at all."""
+    """Join the job's process group (idempotent). A single process creates no group at all.
+
+    ``backend``: ``nccl`` with one GPU per local rank when CUDA is present, else ``gloo``
+    (``DFIT_BACKEND`` overrides). ``timeout`` in seconds (``DFIT_TIMEOUT``) bounds every collective.
+    """
     if _state["info"] is not None:
         return _state["info"]
     info = detect()
-    if info.environment == "mpi" and info.world_size > 1:
-        info = _mpi_rendezvous(info)
+    install_failure_hooks(info)
     backend = backend or _choose_backend()
     if backend == "nccl":
         if not torch.cuda.is_available():
@@ -215,8 +369,13 @@ def init(backend: str | None = None, timeout: float | datetime.timedelta | None 
         dev = torch.device("cpu")
     if info.world_size > 1 and not dist.is_initialized():
         td = _timeout(timeout) or datetime.timedelta(minutes=30)
-        store = _store(info, td)
+        server = None
+        if info.environment == "mpi":
+            info, server = _mpi_rendezvous(info, td)
+        store = _store(info, td, server)
         kwargs = {"device_id": dev} if backend == "nccl" else {}
+        _log.debug("rank %d/%d (%s): init_process_group(%s) via %s:%s", info.rank, info.world_size,
+                   info.environment, backend, info.master_addr, info.master_port)
         dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
                                 timeout=td, **kwargs)
         _state["owns_group"] = True
@@ -232,6 +391,7 @@ def device() -> torch.device:
 
 
 def backend() -> str | None:
+    """The process-group backend chosen by ``init`` (None before it)."""
     return _state["backend"]
 
 
@@ -240,6 +400,7 @@ def _active() -> bool:
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op on one process)."""
     if _active():
         dist.barrier()
 
@@ -268,6 +429,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``t`` over all ranks (identity on one process)."""
     if not _active():
         return t
     work, moved = _comm_tensor(t.clone())
@@ -291,3 +453,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def format_exception(exc: BaseException) -> str:
+    """A traceback string prefixed with this rank, for failure messages."""
+    body = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return f"rank {rank()}: {body}"
+
+
+# Inside a multi-process job, make a failure anywhere after `import dfit` end the job.
+try:
+    install_failure_hooks()
+except Exception as _exc:  # never let a hook problem break the import
+    _log.debug("failure hooks not installed: %s", _exc)
