@@ -1,0 +1,49 @@
+"""The data layer: every input kind behind one small interface, "this rank's part of global batch k".
+
+An adapter has ``n`` (rows), ``split(f)``, ``steps_per_pass(batch_size)`` and
+``epoch(epoch, batch_size, steps, shuffle, seed, rank, world) -> Iterator[Batch]``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, TensorDataset
+
+from .arrays import ArrayData, Batch, to_structure
+from .datasets import DatasetData
+from .weights import class_weight_tensor, sample_weight_tensor
+
+__all__ = ["adapt", "Batch", "ArrayData", "DatasetData", "class_weight_tensor", "sample_weight_tensor"]
+
+
+def _is_map_dataset(x: Any) -> bool:
+    return isinstance(x, Dataset) and not isinstance(x, IterableDataset) and hasattr(x, "__len__")
+
+
+def adapt(x: Any, y: Any = None, sample_weight: Any = None, *, float_dtype: torch.dtype,
+          temporal: bool = False, what: str = "x"):
+    """Wrap user data in the adapter for its kind; every check here runs before any collective."""
+    if x is None:
+        raise ValueError(f"{what} is required")
+    if isinstance(x, TensorDataset):
+        if y is not None:
+            raise ValueError("y must be None when x is a Dataset (the Dataset yields the targets)")
+        tensors = list(x.tensors) + [None] * (3 - len(x.tensors))
+        x, y, sample_weight = tensors[:3]
+    elif _is_map_dataset(x):
+        if y is not None or sample_weight is not None:
+            raise ValueError("y and sample_weight must be None when x is a Dataset (it yields them)")
+        return DatasetData(x, float_dtype)
+    elif isinstance(x, (IterableDataset, torch.utils.data.DataLoader)) or (
+            hasattr(x, "__iter__") and not isinstance(x, (list, tuple, dict, str)) and not hasattr(x, "shape")
+            and not hasattr(x, "to_numpy")):
+        raise NotImplementedError(
+            "streams (generators, iterators, IterableDataset, DataLoader) are not supported in this version; "
+            "pass arrays, tensors or a map-style Dataset"
+        )
+    xs = to_structure(x, what, float_dtype)
+    ys = None if y is None else to_structure(y, "y", float_dtype)
+    n = ArrayData(xs, ys).n
+    w = None if sample_weight is None else sample_weight_tensor(sample_weight, n, temporal, float_dtype)
+    return ArrayData(xs, ys, w)

@@ -1,0 +1,67 @@
+"""Map-style ``torch.utils.data.Dataset``: treated like an array of known length, read row by row."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from .arrays import Batch
+from .sharding import GlobalBatchPlan, num_batches
+from .structure import index_rows, map_structure
+
+
+class DatasetData:
+    """Items ``(x, y)``, ``(x, y, sample_weight)`` or ``x``; each rank fetches only its own rows."""
+
+    def __init__(self, dataset: Dataset, float_dtype: torch.dtype | None, rows: range | None = None):
+        try:
+            n = len(dataset)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise TypeError("a map-style Dataset must define __len__") from exc
+        self.dataset, self.float_dtype = dataset, float_dtype
+        self.row_ids = rows if rows is not None else range(n)
+        self.n = len(self.row_ids)
+        if self.n == 0:
+            raise ValueError("Empty input: the Dataset has 0 samples")
+
+    def split(self, validation_split: float) -> tuple["DatasetData", "DatasetData"]:
+        n_train = int(self.n * (1.0 - validation_split))
+        if n_train <= 0 or n_train >= self.n:
+            side = "training" if n_train <= 0 else "validation"
+            raise ValueError(f"validation_split={validation_split} of {self.n} samples leaves no {side} samples")
+        return (DatasetData(self.dataset, self.float_dtype, self.row_ids[:n_train]),
+                DatasetData(self.dataset, self.float_dtype, self.row_ids[n_train:]))
+
+    def steps_per_pass(self, batch_size: int) -> int:
+        return num_batches(self.n, batch_size)
+
+    def epoch(self, epoch: int, batch_size: int, steps: int | None, shuffle: bool, seed: int,
+              rank: int, world: int) -> Iterator[Batch]:
+        per_pass = self.steps_per_pass(batch_size)
+        first, count = (epoch * per_pass, per_pass) if steps is None else (epoch * steps, steps)
+        plan, plan_pass = None, -1
+        for g in range(first, first + count):
+            pass_index, step = divmod(g, per_pass)
+            if steps is None:
+                pass_index = epoch
+            if pass_index != plan_pass:
+                plan = GlobalBatchPlan(self.n, batch_size, rank, world, shuffle, seed, pass_index)
+                plan_pass = pass_index
+            rows, global_size = plan.rows(step)
+            ids = range(self.n)[rows] if isinstance(rows, slice) else rows.tolist()
+            yield self._collate([self.dataset[self.row_ids[i]] for i in ids], global_size)
+
+    def _collate(self, items: list, global_size: int) -> Batch:
+        size = len(items)
+        if not items:  # this rank has no rows of a small last batch: an empty batch of the right shape
+            items = [self.dataset[self.row_ids[0]]]
+        batch = default_collate(items)
+        if size == 0:
+            batch = index_rows(batch, slice(0, 0)) if not isinstance(batch, list) else [index_rows(b, slice(0, 0)) for b in batch]
+        cast = lambda t: t.to(self.float_dtype) if t.is_floating_point() and self.float_dtype else t  # noqa: E731
+        if isinstance(items[0], tuple) and len(items[0]) in (2, 3):
+            x, y = map_structure(cast, batch[0]), map_structure(cast, batch[1])
+            w = cast(batch[2]) if len(items[0]) == 3 else None
+            return Batch(x, y, w, size, global_size)
+        return Batch(map_structure(cast, batch), None, None, size, global_size)

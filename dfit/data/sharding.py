@@ -1,0 +1,52 @@
+"""The exact global-batch sharding: the arithmetic that makes N processes equal one.
+
+Data is first cut into GLOBAL batches (from one permutation per pass, the same everywhere), and only
+then is each global batch split into ``world_size`` contiguous parts whose sizes differ by at most one
+(the first ``n % world`` parts get the extra row). The last, partial batch is kept, never padded.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def part_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
+    """[start, stop) of ``rank``'s contiguous part when ``n`` rows are split over ``world`` ranks."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
+def permutation(n: int, seed: int, pass_index: int) -> torch.Tensor:
+    """The shuffle of pass ``pass_index``: a function of (seed, pass) only, identical on every rank."""
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(pass_index)])
+    return torch.from_numpy(rng.permutation(n))
+
+
+class GlobalBatchPlan:
+    """Which rows this rank reads at each global step of a pass over ``n`` rows.
+
+    ``rows(step)`` is a slice (no shuffle: zero-copy views) or an index tensor (shuffle), together with
+    the global batch size that losses are normalised by.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int,
+                 shuffle: bool, seed: int, pass_index: int):
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.steps = num_batches(n, batch_size)
+        self.order = permutation(n, seed, pass_index) if shuffle else None
+
+    def global_size(self, step: int) -> int:
+        return min(self.batch_size, self.n - step * self.batch_size)
+
+    def rows(self, step: int) -> tuple[slice | torch.Tensor, int]:
+        first = step * self.batch_size
+        size = self.global_size(step)
+        start, stop = part_bounds(size, self.world, self.rank)
+        if self.order is None:
+            return slice(first + start, first + stop), size
+        return self.order[first + start:first + stop], size

@@ -1,0 +1,205 @@
+"""The three loops (train / test / predict): the one place where a step happens.
+
+A training step: this rank's part of the global batch -> device -> forward (through DDP when N > 1)
+-> per-sample losses, weighted, summed and scaled by ``world / global_batch`` -> backward (DDP all-reduces
+the gradients) -> optimizer step -> metrics accumulate on the device. No other collective and no host
+synchronisation happens on a step; epoch logs come from one all-reduce at the end of the epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import distributed as dist
+from .callbacks.base import CallbackList, LazyLogs
+from .data import Batch
+from .data.structure import concat_rows, to_device
+from .metrics import MetricSet
+
+if TYPE_CHECKING:
+    from .model import Model
+
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def call_module(module: torch.nn.Module, x: Any) -> Any:
+    """Positional inputs for a list/tuple, keyword inputs for a dict, else one argument."""
+    if isinstance(x, dict):
+        return module(**x)
+    if isinstance(x, (list, tuple)):
+        return module(*x)
+    return module(x)
+
+
+def as_outputs(structure: Any, names: list[str], what: str) -> list[torch.Tensor]:
+    """Predictions or targets as a list in output order."""
+    if isinstance(structure, dict):
+        missing = [n for n in names if n not in structure]
+        if missing:
+            raise ValueError(f"{what} has no entries for outputs {missing}; it has {list(structure)}")
+        return [structure[n] for n in names]
+    if isinstance(structure, (list, tuple)):
+        if len(structure) != len(names):
+            raise ValueError(f"{what} has {len(structure)} entries but there are {len(names)} outputs")
+        return list(structure)
+    if len(names) != 1:
+        raise ValueError(f"{what} is a single tensor but there are {len(names)} outputs {names}")
+    return [structure]
+
+
+class Engine:
+    """Runs the steps of one compiled model: device placement, DDP, mixed precision and the loops."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self.device = dist.device()
+        self.world = dist.world_size()
+        self.rank = dist.rank()
+        model.module.to(self.device)
+        self._ddp: torch.nn.Module | None = None
+        self._compiled: torch.nn.Module | None = None
+        dtype = PRECISIONS[model.precision]
+        self.autocast_dtype = dtype
+        self.scaler = torch.amp.GradScaler(self.device.type) if dtype is torch.float16 else None
+
+    # -- modules ---------------------------------------------------------------------------------------
+    @property
+    def train_module(self) -> torch.nn.Module:
+        """The module a training step runs: DDP-wrapped on N ranks, torch.compile'd if asked."""
+        if self._ddp is None:
+            module = self.model.module
+            if self.world > 1:
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                module = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
+            if self.model.jit_compile:
+                module = torch.compile(module)
+            self._ddp = module
+        return self._ddp
+
+    @property
+    def eval_module(self) -> torch.nn.Module:
+        if not self.model.jit_compile:
+            return self.model.module
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model.module)
+        return self._compiled
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _to_device(self, batch: Batch) -> Batch:
+        if self.device.type == "cpu":
+            return batch
+        nb = True
+        w = None if batch.sample_weight is None else batch.sample_weight.to(self.device, non_blocking=nb)
+        y = None if batch.y is None else to_device(batch.y, self.device, nb)
+        return Batch(to_device(batch.x, self.device, nb), y, w, batch.size, batch.global_size)
+
+    def _prefetched(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """On CUDA, start copying batch k+1 while batch k computes."""
+        if self.device.type == "cpu":
+            yield from batches
+            return
+        pending = None
+        for batch in batches:
+            ready, pending = pending, self._to_device(batch)
+            if ready is not None:
+                yield ready
+        if pending is not None:
+            yield pending
+
+    # -- the loops -------------------------------------------------------------------------------------
+    def train_epoch(self, batches: Iterator[Batch], tracker: MetricSet, callbacks: CallbackList,
+                    output_names: list[str]) -> dict[str, float]:
+        """One epoch of training steps; returns the exact epoch logs (identical on every rank)."""
+        model, module = self.model, self.train_module
+        optimizer, loss = model.optimizer, model.compiled_loss(output_names)
+        scale_numerator = float(self.world)
+        wants_batches = callbacks.wants_batches("train")
+        model.module.train()
+        tracker.reset(self.device)
+        for step, batch in enumerate(self._prefetched(batches)):
+            if wants_batches:
+                callbacks.batch_begin("train", step)
+            with self.autocast():
+                y_pred = as_outputs(call_module(module, batch.x), output_names, "the model output")
+                y_true = as_outputs(batch.y, output_names, "y")
+                sums = loss.per_output_sums(y_pred, y_true, batch.sample_weight, batch.size)
+                total = loss.total(sums)
+            optimizer.zero_grad(set_to_none=True)
+            scaled = total * (scale_numerator / batch.global_size)
+            if self.scaler is None:
+                scaled.backward()
+                optimizer.step()
+            else:
+                self.scaler.scale(scaled).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            tracker.update_loss(total, sums, batch.size)
+            if tracker.metrics:
+                tracker.update_metrics([p.detach() for p in y_pred], y_true, batch.sample_weight)
+            if wants_batches:
+                callbacks.batch_end("train", step, LazyLogs(lambda: tracker.running(self.device)))
+        return tracker.results(self.device)
+
+    @torch.inference_mode()
+    def test_epoch(self, batches: Iterator[Batch], tracker: MetricSet, callbacks: CallbackList,
+                   output_names: list[str]) -> dict[str, float]:
+        """Loss and metrics over all batches of all ranks (no gradients, no DDP)."""
+        module, loss = self.eval_module, self.model.compiled_loss(output_names)
+        wants_batches = callbacks.wants_batches("test")
+        was_training = self.model.module.training
+        self.model.module.eval()
+        tracker.reset(self.device)
+        try:
+            for step, batch in enumerate(self._prefetched(batches)):
+                if wants_batches:
+                    callbacks.batch_begin("test", step)
+                with self.autocast():
+                    y_pred = as_outputs(call_module(module, batch.x), output_names, "the model output")
+                    y_true = as_outputs(batch.y, output_names, "y")
+                    sums = loss.per_output_sums(y_pred, y_true, batch.sample_weight, batch.size)
+                    tracker.update_loss(loss.total(sums), sums, batch.size)
+                tracker.update_metrics(y_pred, y_true, batch.sample_weight)
+                if wants_batches:
+                    callbacks.batch_end("test", step, LazyLogs(lambda: tracker.running(self.device)))
+        finally:
+            self.model.module.train(was_training)
+        return tracker.results(self.device)
+
+    @torch.inference_mode()
+    def predict(self, batches: Iterator[Batch], callbacks: CallbackList) -> Any:
+        """Every input row exactly once, in input order, on every rank (CPU tensors)."""
+        module = self.eval_module
+        wants_batches = callbacks.wants_batches("predict")
+        was_training = self.model.module.training
+        self.model.module.eval()
+        chunks: list[Any] = []
+        try:
+            for step, batch in enumerate(self._prefetched(batches)):
+                if wants_batches:
+                    callbacks.batch_begin("predict", step)
+                with self.autocast():
+                    out = call_module(module, batch.x)
+                chunks.append(_to_cpu(out))
+                if wants_batches:
+                    callbacks.batch_end("predict", step, {"outputs": out})
+        finally:
+            self.model.module.train(was_training)
+        if self.world == 1:
+            return concat_rows(chunks)
+        per_rank = dist.all_gather_objects(chunks)
+        # Global batch k is rank 0's part, then rank 1's, ...: step-major, rank-minor is input order.
+        return concat_rows([per_rank[r][k] for k in range(len(chunks)) for r in range(self.world)])
+
+
+def _to_cpu(s: Any) -> Any:
+    from .data.structure import map_structure
+
+    return map_structure(lambda t: t.detach().float().cpu() if t.dtype in (torch.bfloat16, torch.float16)
+                         else t.detach().cpu(), s)

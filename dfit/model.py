@@ -1,0 +1,469 @@
+"""``Model`` and ``Sequential``: Keras' compile / fit / evaluate / predict for any torch module.
+
+``fit`` checks every argument and turns the data into adapters before any collective (so bad input
+raises on every rank instead of hanging), then runs epochs through ``engine.Engine``.
+"""
+from __future__ import annotations
+
+import numbers
+import sys
+import warnings
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import data as data_mod
+from . import distributed as dist
+from . import losses as losses_mod
+from . import metrics as metrics_mod
+from . import optimizers, serialization
+from .callbacks import Callback, CallbackList, History, ProgbarLogger
+from .engine import PRECISIONS, Engine
+from .metrics import MetricSet
+
+_NOT_COMPILED = "You must call compile() before fit/evaluate/train_on_batch/test_on_batch"
+
+
+def _check_positive_int(value: Any, name: str, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}")
+
+
+def _resolve_verbose(verbose: Any) -> int:
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    if verbose not in (0, 1, 2, True, False):
+        raise ValueError(f"verbose must be 0, 1, 2 or 'auto'; got {verbose!r}")
+    return int(verbose)
+
+
+def _output_names(y: Any) -> list[str]:
+    """Names of the model outputs, read off the targets: dict keys, or output_1..k for a list."""
+    if isinstance(y, dict):
+        return list(y)
+    if isinstance(y, (list, tuple)):
+        return [f"output_{i + 1}" for i in range(len(y))]
+    return ["output"]
+
+
+def _to_numpy(s: Any) -> Any:
+    if isinstance(s, dict):
+        return {k: _to_numpy(v) for k, v in s.items()}
+    if isinstance(s, (list, tuple)):
+        return [_to_numpy(v) for v in s]
+    return s.numpy()
+
+
+def _validate_every(validation_freq: Any) -> Callable[[int], bool]:
+    """Keras' validation_freq: an int (every k epochs) or a collection of 1-based epochs."""
+    if isinstance(validation_freq, numbers.Integral) and not isinstance(validation_freq, bool):
+        if validation_freq < 1:
+            raise ValueError(f"validation_freq must be >= 1; got {validation_freq}")
+        return lambda epoch: (epoch + 1) % int(validation_freq) == 0
+    if isinstance(validation_freq, Iterable):
+        chosen = {int(e) for e in validation_freq}
+        return lambda epoch: (epoch + 1) in chosen
+    raise ValueError(f"validation_freq must be an int or a list of epochs; got {validation_freq!r}")
+
+
+class Model:
+    """Wraps any ``torch.nn.Module`` with Keras' training API, run as data-parallel training."""
+
+    def __init__(self, module: nn.Module, name: str | None = None):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"dfit.Model wraps a torch.nn.Module; got {type(module).__name__}")
+        self.module = module
+        self.name = name or type(module).__name__.lower()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.stop_training = False
+        self.history: History | None = None
+        self.compiled = False
+        self.precision = "32"
+        self.jit_compile = False
+        self._compile_args: dict[str, Any] = {}
+        self._losses: dict[tuple[str, ...], losses_mod.CompiledLoss] = {}
+        self._engine: Engine | None = None
+        self._example: Any = None  # one input row, for summary()'s output shapes
+
+    # -- compile ---------------------------------------------------------------------------------------
+    def compile(self, optimizer: Any = "rmsprop", loss: Any = None, metrics: Any = None, loss_weights: Any = None,
+                weighted_metrics: Any = None, sample_weight_mode: str | None = None, jit_compile: bool = False,
+                precision: str = "32", **kwargs: Any) -> None:
+        """Configure training, as Keras. Names are checked here, before any process talks to another."""
+        if kwargs:
+            raise TypeError(f"compile() got unexpected arguments {sorted(kwargs)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {precision!r}")
+        if sample_weight_mode not in (None, "temporal"):
+            raise ValueError(f"sample_weight_mode must be None or 'temporal'; got {sample_weight_mode!r}")
+        optimizers.check(optimizer)
+        for spec in (loss.values() if isinstance(loss, Mapping) else loss if isinstance(loss, (list, tuple))
+                     else [loss]):
+            if spec is not None:
+                losses_mod.get(spec)
+        metrics_mod.check(metrics)
+        metrics_mod.check(weighted_metrics)
+        self.optimizer = optimizers.build(optimizer, self.module.parameters())
+        self._compile_args = dict(optimizer=optimizer if isinstance(optimizer, str) else None, loss=loss,
+                                  metrics=metrics, loss_weights=loss_weights, weighted_metrics=weighted_metrics,
+                                  sample_weight_mode=sample_weight_mode, jit_compile=jit_compile, precision=precision)
+        self.precision, self.jit_compile = precision, bool(jit_compile)
+        self._losses = {}
+        self._engine = None
+        self.compiled = True
+
+    def compiled_loss(self, output_names: list[str]) -> losses_mod.CompiledLoss:
+        key = tuple(output_names)
+        if key not in self._losses:
+            if self._compile_args.get("loss") is None:
+                raise ValueError("compile() was called without a loss; fit and evaluate need one")
+            self._losses[key] = losses_mod.CompiledLoss(self._compile_args["loss"],
+                                                        self._compile_args["loss_weights"], output_names)
+        return self._losses[key]
+
+    def _metric_set(self, output_names: list[str]) -> MetricSet:
+        args = self._compile_args
+        return MetricSet(self.compiled_loss(output_names), args["metrics"], args["weighted_metrics"], output_names)
+
+    def _float_dtype(self) -> torch.dtype:
+        for p in self.module.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    def _get_engine(self) -> Engine:
+        dist.init()
+        if self._engine is None:
+            self._engine = Engine(self)
+        return self._engine
+
+    def _adapt(self, x: Any, y: Any = None, sample_weight: Any = None, what: str = "x"):
+        temporal = self._compile_args.get("sample_weight_mode") == "temporal"
+        return data_mod.adapt(x, y, sample_weight, float_dtype=self._float_dtype(), temporal=temporal, what=what)
+
+    def _remember_example(self, adapter: Any) -> None:
+        if self._example is None and isinstance(adapter, data_mod.ArrayData):
+            from .data.structure import index_rows
+
+            self._example = index_rows(adapter.x, slice(0, 1))
+
+    # -- fit -------------------------------------------------------------------------------------------
+    def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 10,
+            verbose: Any = "auto", callbacks: list[Callback] | None = None, view_metrics: Any = "auto",
+            validation_split: float = 0.0, validation_data: Any = None, shuffle: bool = True,
+            class_weight: Mapping[int, float] | None = None, sample_weight: Any = None, initial_epoch: int = 0,
+            steps_per_epoch: int | None = None, validation_steps: int | None = None,
+            validation_batch_size: int | None = None, validation_freq: Any = 1, workers: int = 0,
+            use_multiprocessing: bool = False, max_queue_size: int = 10, seed: int | None = None) -> History:
+        """Train for ``epochs`` (the final epoch index), as Keras' fit, on every rank of the job."""
+        if not self.compiled:
+            raise RuntimeError(_NOT_COMPILED)
+        # 1. every check, before any collective -------------------------------------------------------
+        _check_positive_int(batch_size, "batch_size")
+        _check_positive_int(validation_batch_size, "validation_batch_size")
+        _check_positive_int(steps_per_epoch, "steps_per_epoch")
+        _check_positive_int(validation_steps, "validation_steps")
+        for value, name in ((epochs, "epochs"), (initial_epoch, "initial_epoch")):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+        if not isinstance(validation_split, numbers.Real) or not 0.0 <= validation_split < 1.0:
+            raise ValueError(f"validation_split must be a float in [0, 1); got {validation_split!r}")
+        if not isinstance(shuffle, (bool, np.bool_)):
+            raise TypeError(f"shuffle must be True or False; got {shuffle!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an integer or None; got {seed!r}")
+        verbose = _resolve_verbose(verbose)
+        should_validate = _validate_every(validation_freq)
+        batch_size = batch_size or 32
+        train = self._adapt(x, y, sample_weight)
+        val = None
+        if validation_data is not None:
+            val = self._adapt_validation(validation_data)
+        elif validation_split:
+            train, val = train.split(float(validation_split))
+        if class_weight is not None:
+            cw = data_mod.class_weight_tensor(train.y, class_weight, self._float_dtype())
+            if train.sample_weight is not None:
+                w = train.sample_weight
+                cw = cw.reshape(cw.shape + (1,) * (w.dim() - cw.dim())) * w
+            train = train.with_weights(cw)
+        output_names = _output_names(train.y)
+        train_metrics = self._metric_set(output_names)
+        val_metrics = self._metric_set(output_names) if val is not None else None
+        self._remember_example(train)
+
+        # 2. join the job ---------------------------------------------------------------------------------
+        engine = self._get_engine()
+        rank, world = dist.rank(), dist.world_size()
+        if seed is None:
+            seed = dist.broadcast_object(int(np.random.SeedSequence().entropy % (2 ** 31)))
+        steps = steps_per_epoch or train.steps_per_pass(batch_size)
+        history = History()
+        cbs = [history] + list(callbacks or [])
+        if verbose:
+            cbs.append(ProgbarLogger())
+        plot_cb = _view_metrics_callback(view_metrics, epochs - initial_epoch, verbose)
+        if plot_cb is not None:
+            cbs.append(plot_cb)
+        params = {"verbose": verbose, "epochs": epochs, "steps": steps, "batch_size": batch_size}
+        callback_list = CallbackList(cbs, self, params)
+        self.history = history
+        self.stop_training = False
+
+        # 3. epochs ---------------------------------------------------------------------------------------
+        callback_list.call("on_train_begin", {})
+        for epoch in range(initial_epoch, epochs):
+            callback_list.call("on_epoch_begin", epoch, {})
+            batches = train.epoch(epoch, batch_size, steps_per_epoch, bool(shuffle), seed, rank, world)
+            logs = engine.train_epoch(batches, train_metrics, callback_list, output_names)
+            if val is not None and should_validate(epoch):
+                val_logs = self._run_test(engine, val, validation_batch_size or batch_size, validation_steps,
+                                          val_metrics, callback_list, output_names)
+                logs.update({f"val_{k}": v for k, v in val_logs.items()})
+            callback_list.call("on_epoch_end", epoch, logs)
+            if self._agree_to_stop():
+                break
+        callback_list.call("on_train_end", {})
+        return history
+
+    def _agree_to_stop(self) -> bool:
+        """Any rank's stop decision stops every rank (one tiny all-reduce per epoch)."""
+        if dist.world_size() == 1:
+            return bool(self.stop_training)
+        flag = dist.all_reduce_max(torch.tensor([1.0 if self.stop_training else 0.0]))
+        self.stop_training = bool(flag.item())
+        return self.stop_training
+
+    def _adapt_validation(self, validation_data: Any):
+        if isinstance(validation_data, torch.utils.data.Dataset):
+            return self._adapt(validation_data, what="validation_data")
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+            raise ValueError("validation_data must be a tuple (x_val, y_val) or (x_val, y_val, val_sample_weight)")
+        return self._adapt(*validation_data, what="validation_data x")
+
+    @staticmethod
+    def _run_test(engine: Engine, data: Any, batch_size: int, steps: int | None, tracker: MetricSet,
+                  callbacks: CallbackList, output_names: list[str]) -> dict[str, float]:
+        callbacks.call("on_test_begin", {})
+        batches = data.epoch(0, batch_size, steps, False, 0, dist.rank(), dist.world_size())
+        logs = engine.test_epoch(batches, tracker, callbacks, output_names)
+        callbacks.call("on_test_end", logs)
+        return logs
+
+    # -- evaluate / predict ----------------------------------------------------------------------------
+    def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None, verbose: Any = "auto",
+                 sample_weight: Any = None, steps: int | None = None, callbacks: list[Callback] | None = None,
+                 return_dict: bool = False) -> Any:
+        """Loss (and metrics) over all samples of all ranks: a scalar, ``[loss, *metrics]`` or a dict."""
+        if not self.compiled:
+            raise RuntimeError(_NOT_COMPILED)
+        _check_positive_int(batch_size, "batch_size")
+        _check_positive_int(steps, "steps")
+        verbose = _resolve_verbose(verbose)
+        data = self._adapt(x, y, sample_weight)
+        output_names = _output_names(data.y)
+        tracker = self._metric_set(output_names)
+        self._remember_example(data)
+        engine = self._get_engine()
+        batch_size = batch_size or 32
+        n_steps = steps or data.steps_per_pass(batch_size)
+        callback_list = CallbackList(callbacks, self, {"verbose": verbose, "steps": n_steps})
+        import time
+
+        start = time.monotonic()
+        logs = self._run_test(engine, data, batch_size, steps, tracker, callback_list, output_names)
+        if verbose and dist.is_chief():
+            from .callbacks.progbar import format_duration, format_logs, format_per_step
+
+            elapsed = time.monotonic() - start
+            print(f"{n_steps}/{n_steps} - {format_duration(elapsed)} {format_per_step(elapsed / n_steps)}"
+                  f"{format_logs(logs)}")
+        return _keras_result(logs, return_dict)
+
+    def predict(self, x: Any, batch_size: int | None = None, verbose: Any = 0, steps: int | None = None,
+                callbacks: list[Callback] | None = None) -> Any:
+        """Predictions for every input row exactly once, in input order, returned on every rank (numpy)."""
+        _check_positive_int(batch_size, "batch_size")
+        _check_positive_int(steps, "steps")
+        data = self._adapt(x)
+        self._remember_example(data)
+        engine = self._get_engine()
+        batch_size = batch_size or 32
+        callback_list = CallbackList(callbacks, self, {"verbose": _resolve_verbose(verbose),
+                                                       "steps": steps or data.steps_per_pass(batch_size)})
+        callback_list.call("on_predict_begin", {})
+        batches = data.epoch(0, batch_size, steps, False, 0, dist.rank(), dist.world_size())
+        out = engine.predict(batches, callback_list)
+        callback_list.call("on_predict_end", {})
+        return _to_numpy(out)
+
+    # -- single batches --------------------------------------------------------------------------------
+    def train_on_batch(self, x: Any, y: Any = None, sample_weight: Any = None,
+                       class_weight: Mapping[int, float] | None = None, return_dict: bool = False) -> Any:
+        """One optimizer step on one GLOBAL batch (split across ranks); returns its loss and metrics."""
+        if not self.compiled:
+            raise RuntimeError(_NOT_COMPILED)
+        data = self._adapt(x, y, sample_weight)
+        if class_weight is not None:
+            cw = data_mod.class_weight_tensor(data.y, class_weight, self._float_dtype())
+            data = data.with_weights(cw if data.sample_weight is None else cw * data.sample_weight)
+        names = _output_names(data.y)
+        tracker = self._metric_set(names)
+        engine = self._get_engine()
+        batches = data.epoch(0, data.n, None, False, 0, dist.rank(), dist.world_size())
+        logs = engine.train_epoch(batches, tracker, CallbackList([], self, {}), names)
+        return _keras_result(logs, return_dict)
+
+    def test_on_batch(self, x: Any, y: Any = None, sample_weight: Any = None, return_dict: bool = False) -> Any:
+        if not self.compiled:
+            raise RuntimeError(_NOT_COMPILED)
+        data = self._adapt(x, y, sample_weight)
+        names = _output_names(data.y)
+        logs = self._run_test(self._get_engine(), data, data.n, None, self._metric_set(names),
+                              CallbackList([], self, {}), names)
+        return _keras_result(logs, return_dict)
+
+    def predict_on_batch(self, x: Any) -> Any:
+        data = self._adapt(x)
+        return self.predict(x, batch_size=data.n)
+
+    # -- deprecated Keras aliases ----------------------------------------------------------------------
+    def fit_generator(self, generator: Any, *args: Any, **kwargs: Any) -> History:
+        warnings.warn("fit_generator is deprecated; use fit, which accepts generators", DeprecationWarning, 2)
+        return self.fit(generator, *args, **kwargs)
+
+    def evaluate_generator(self, generator: Any, *args: Any, **kwargs: Any) -> Any:
+        warnings.warn("evaluate_generator is deprecated; use evaluate", DeprecationWarning, 2)
+        return self.evaluate(generator, *args, **kwargs)
+
+    def predict_generator(self, generator: Any, *args: Any, **kwargs: Any) -> Any:
+        warnings.warn("predict_generator is deprecated; use predict", DeprecationWarning, 2)
+        return self.predict(generator, *args, **kwargs)
+
+    def predict_proba(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        warnings.warn("predict_proba is deprecated; use predict", DeprecationWarning, 2)
+        return self.predict(x, *args, **kwargs)
+
+    # -- layers, config, saving ------------------------------------------------------------------------
+    def summary(self, print_fn: Callable[[str], Any] | None = None) -> None:
+        """Print the layers, their output shapes (once the model has seen data) and parameter counts."""
+        from .summary import summary_text
+
+        if dist.is_chief() or print_fn is not None:
+            (print_fn or print)(summary_text(self.name, self.module, self._example))
+
+    def count_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def get_layer(self, name: str | None = None, index: int | None = None) -> nn.Module:
+        """A child module by name or by index (Keras' get_layer)."""
+        children = list(self.module.named_children())
+        if (name is None) == (index is None):
+            raise ValueError("get_layer needs exactly one of name= or index=")
+        if index is not None:
+            if not -len(children) <= index < len(children):
+                raise ValueError(f"index {index} is out of range: the model has {len(children)} layers")
+            return children[index][1]
+        for child_name, child in children:
+            if child_name == name:
+                return child
+        raise ValueError(f"No such layer: {name!r}. Layers: {[n for n, _ in children]}")
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return list(self.module.children())
+
+    def get_config(self) -> dict[str, Any]:
+        return serialization.model_config(self)
+
+    def get_weights(self) -> list[np.ndarray]:
+        return [t.detach().cpu().numpy() for t in self.module.state_dict().values()]
+
+    def set_weights(self, weights: list[Any]) -> None:
+        state = self.module.state_dict()
+        if len(weights) != len(state):
+            raise ValueError(f"expected {len(state)} arrays, got {len(weights)}")
+        self.module.load_state_dict({k: torch.as_tensor(np.asarray(w)) for k, w in zip(state, weights)})
+
+    def save(self, path: str) -> None:
+        serialization.save_model(self, path)
+
+    def save_weights(self, path: str) -> None:
+        serialization.save_weights(self, path)
+
+    def load_weights(self, path: str) -> None:
+        serialization.load_weights(self, path)
+
+
+def _keras_result(logs: dict[str, float], return_dict: bool) -> Any:
+    if return_dict:
+        return dict(logs)
+    values = list(logs.values())
+    return values[0] if len(values) == 1 else values
+
+
+def _view_metrics_callback(view_metrics: Any, epochs: int, verbose: int) -> Callback | None:
+    if view_metrics is False or view_metrics is None:
+        return None
+    if isinstance(view_metrics, str) and view_metrics != "auto":
+        from .plotting import PlotMetrics
+
+        return PlotMetrics(path=view_metrics)
+    from .plotting import PlotMetrics, in_notebook
+
+    if view_metrics is True or (view_metrics == "auto" and epochs > 1 and verbose > 0 and in_notebook()):
+        return PlotMetrics(path=None)
+    return None
+
+
+class Sequential(Model):
+    """A linear stack of layers (Keras' Sequential) over ``nn.Sequential``, layers named like Keras."""
+
+    def __init__(self, layers: Iterable[nn.Module] | None = None, name: str | None = None):
+        super().__init__(nn.Sequential(), name=name or "sequential")
+        for layer in layers or []:
+            self.add(layer)
+
+    def add(self, layer: nn.Module, name: str | None = None) -> None:
+        if not isinstance(layer, nn.Module):
+            raise TypeError(f"Sequential layers must be torch.nn.Module instances; got {type(layer).__name__}")
+        existing = dict(self.module.named_children())
+        if name is None:
+            base, k = type(layer).__name__.lower(), 0
+            name = base
+            while name in existing:
+                k += 1
+                name = f"{base}_{k}"
+        elif name in existing:
+            raise ValueError(f"a layer named {name!r} already exists")
+        self.module.add_module(name, layer)
+
+    def pop_layer(self) -> nn.Module:
+        """Remove and return the last layer."""
+        names = [n for n, _ in self.module.named_children()]
+        if not names:
+            raise ValueError("There are no layers in the model")
+        layer = getattr(self.module, names[-1])
+        delattr(self.module, names[-1])
+        return layer
+
+    pop = pop_layer
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], custom_objects: Mapping[str, type] | None = None) -> "Sequential":
+        model = cls(name=config.get("name"))
+        for entry in config["layers"]:
+            model.add(serialization.layer_from_config(entry, custom_objects), name=entry.get("name"))
+        return model
+
+
+def load_model(path: str, module: nn.Module | None = None, custom_objects: Mapping[str, type] | None = None,
+               compile: bool = True) -> Model:  # noqa: A002 - Keras' argument name
+    """A model saved by ``Model.save``; a non-Sequential model needs its (untrained) ``module`` instance."""
+    return serialization.load_model(path, module=module, custom_objects=custom_objects, compile=compile,
+                                    model_classes={"Model": Model, "Sequential": Sequential})
+
