@@ -64,7 +64,7 @@ def _validate_every(validation_freq: Any) -> Callable[[int], bool]:
         if validation_freq < 1:
             raise ValueError(f"validation_freq must be >= 1; got {validation_freq}")
         return lambda epoch: (epoch + 1) % int(validation_freq) == 0
-    if isinstance(validation_freq, Iterable):
+    if isinstance(validation_freq, Iterable) and not isinstance(validation_freq, (str, bytes)):
         chosen = {int(e) for e in validation_freq}
         return lambda epoch: (epoch + 1) in chosen
     raise ValueError(f"validation_freq must be an int or a list of epochs; got {validation_freq!r}")
@@ -204,7 +204,7 @@ class Model:
         steps = steps_per_epoch or train.steps_per_pass(batch_size)
         history = History()
         cbs = [history] + list(callbacks or [])
-        if verbose:
+        if verbose and not any(isinstance(cb, ProgbarLogger) for cb in cbs):  # Keras: the user's one replaces it
             cbs.append(ProgbarLogger())
         plot_cb = _view_metrics_callback(view_metrics, epochs - initial_epoch, verbose)
         if plot_cb is not None:

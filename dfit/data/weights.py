@@ -31,7 +31,7 @@ def sample_weight_tensor(sample_weight: Any, n: int, temporal: bool, dtype: torc
 
 def class_ids(y: torch.Tensor) -> torch.Tensor:
     """The integer class of every label: the label itself, or the argmax of a one-hot row."""
-    if y.is_floating_point() and y.dim() >= 2 and y.shape[-1] > 1:
+    if y.dim() >= 2 and y.shape[-1] > 1:  # one-hot rows, float or integer (Keras takes argmax either way)
         return y.argmax(dim=-1)
     if y.dim() >= 2 and y.shape[-1] == 1:
         y = y[..., 0]
