@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import distributed as dist
 from .callbacks.base import CallbackList, LazyLogs
 from .data import Batch
-from .data.structure import concat_rows, to_device
+from .data.structure import concat_rows, map_structure
 from .metrics import MetricSet
 
 if TYPE_CHECKING:
@@ -93,12 +93,15 @@ class Engine:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _to_device(self, batch: Batch) -> Batch:
+        """Host batch -> device through pinned memory, asynchronously (torch's caching host allocator
+        keeps each pinned block alive until its copy has run)."""
         if self.device.type == "cpu":
             return batch
-        nb = True
-        w = None if batch.sample_weight is None else batch.sample_weight.to(self.device, non_blocking=nb)
-        y = None if batch.y is None else to_device(batch.y, self.device, nb)
-        return Batch(to_device(batch.x, self.device, nb), y, w, batch.size, batch.global_size)
+        move = lambda t: (t if t.device.type != "cpu" or t.is_pinned() else t.pin_memory()).to(  # noqa: E731
+            self.device, non_blocking=True)
+        w = None if batch.sample_weight is None else move(batch.sample_weight)
+        y = None if batch.y is None else map_structure(move, batch.y)
+        return Batch(map_structure(move, batch.x), y, w, batch.size, batch.global_size)
 
     def _prefetched(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         """On CUDA, start copying batch k+1 while batch k computes."""
@@ -199,7 +202,5 @@ class Engine:
 
 
 def _to_cpu(s: Any) -> Any:
-    from .data.structure import map_structure
-
     return map_structure(lambda t: t.detach().float().cpu() if t.dtype in (torch.bfloat16, torch.float16)
                          else t.detach().cpu(), s)

@@ -109,12 +109,6 @@ class ArrayData:
     def with_weights(self, sample_weight: torch.Tensor | None) -> "ArrayData":
         return ArrayData(self.x, self.y, sample_weight)
 
-    def pin_memory(self) -> "ArrayData":
-        pin = lambda t: t.pin_memory()  # noqa: E731
-        w = None if self.sample_weight is None else self.sample_weight.pin_memory()
-        y = None if self.y is None else map_structure(pin, self.y)
-        return ArrayData(map_structure(pin, self.x), y, w)
-
     # -- the adapter interface -------------------------------------------------------------------------
     def steps_per_pass(self, batch_size: int) -> int:
         return num_batches(self.n, batch_size)

@@ -47,9 +47,3 @@ def concat_rows(parts: list[Any]) -> Any:
     if isinstance(head, (list, tuple)):
         return type(head)(concat_rows([p[i] for p in parts]) for i in range(len(head)))
     return torch.cat(parts, dim=0)
-
-
-def to_device(s: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    if device.type == "cpu":
-        return s
-    return map_structure(lambda t: t.to(device, non_blocking=non_blocking), s)
