@@ -74,9 +74,9 @@ def _accuracy_for(loss_fn: Callable, y_pred: torch.Tensor, y_true: torch.Tensor)
             or (y_pred.shape[-1] == 1 and y_pred.dim() > 1):
         threshold = 0.0 if logits else 0.5
         return lambda p, t: binary_accuracy(p, t, threshold)
-    if y_true.is_floating_point() and y_true.shape == y_pred.shape:
-        return categorical_accuracy
-    return sparse_categorical_accuracy
+    # Keras 3: by shapes, not dtypes: class indices have a lower rank (or a last axis of 1), else one-hot rows.
+    sparse = y_true.dim() < y_pred.dim() or (y_true.shape[-1] == 1 and y_pred.shape[-1] > 1)
+    return sparse_categorical_accuracy if sparse else categorical_accuracy
 
 
 def _snake(name: str) -> str:
