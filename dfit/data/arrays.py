@@ -38,6 +38,8 @@ def to_tensor(v: Any, name: str, float_dtype: torch.dtype | None) -> torch.Tenso
             raise TypeError(f"{name}: unsupported dtype {arr.dtype}; expected numbers")
         if not arr.flags.writeable:
             arr = arr.copy()
+        if arr.ndim == 0:  # checked before ascontiguousarray, which would make it a 1-row array
+            raise ValueError(f"{name}: expected an array with a first (samples) axis, got a scalar")
         arr = np.ascontiguousarray(arr)
         t = torch.from_numpy(arr)
     if t.dim() == 0:

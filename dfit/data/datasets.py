@@ -14,6 +14,8 @@ from .structure import index_rows, map_structure
 class DatasetData:
     """Items ``(x, y)``, ``(x, y, sample_weight)`` or ``x``; each rank fetches only its own rows."""
 
+    sample_weight = None  # weights, if any, come with the items
+
     def __init__(self, dataset: Dataset, float_dtype: torch.dtype | None, rows: range | None = None):
         try:
             n = len(dataset)  # type: ignore[arg-type]
@@ -24,6 +26,21 @@ class DatasetData:
         self.n = len(self.row_ids)
         if self.n == 0:
             raise ValueError("Empty input: the Dataset has 0 samples")
+
+    @property
+    def y(self):
+        """The targets of the first item as a one-row batch (None for ``x``-only items): names the outputs."""
+        if not hasattr(self, "_y_example"):
+            item = self.dataset[self.row_ids[0]]
+            is_pair = isinstance(item, tuple) and len(item) in (2, 3)
+            self._y_example = default_collate([item[1]]) if is_pair else None
+        return self._y_example
+
+    def with_weights(self, sample_weight):
+        raise NotImplementedError(
+            "class_weight is not supported for a Dataset input; make its items (x, y, sample_weight) "
+            "with the class weights folded into sample_weight, or pass arrays"
+        )
 
     def split(self, validation_split: float) -> tuple["DatasetData", "DatasetData"]:
         n_train = int(self.n * (1.0 - validation_split))
