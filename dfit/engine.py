@@ -104,10 +104,10 @@ class Engine:
         return Batch(map_structure(move, batch.x), y, w, batch.size, batch.global_size)
 
     def _prefetched(self, batches: Iterator[Batch]) -> Iterator[Batch]:
-        """On CUDA, start copying batch k+1 while batch k computes."""
-        if self.device.type == "cpu":
-            yield from batches
-            return
+        """On CUDA, start copying batch k+1 while batch k computes (on the CPU: the batches as they are)."""
+        return batches if self.device.type == "cpu" else self._copied_ahead(batches)
+
+    def _copied_ahead(self, batches: Iterator[Batch]) -> Iterator[Batch]:
         pending = None
         for batch in batches:
             ready, pending = pending, self._to_device(batch)
@@ -117,34 +117,40 @@ class Engine:
             yield pending
 
     # -- the loops -------------------------------------------------------------------------------------
+    def _forward(self, module: torch.nn.Module, batch: Batch, output_names: list[str]):
+        """Forward pass and this rank's loss of the global batch (under autocast if asked)."""
+        y_pred = as_outputs(call_module(module, batch.x), output_names, "the model output")
+        y_true = as_outputs(batch.y, output_names, "y")
+        loss = self.model.compiled_loss(output_names)(y_pred, y_true, batch.sample_weight, batch.size,
+                                                      batch.global_size, self.world)
+        return y_pred, y_true, loss
+
     def train_epoch(self, batches: Iterator[Batch], tracker: MetricSet, callbacks: CallbackList,
                     output_names: list[str]) -> dict[str, float]:
         """One epoch of training steps; returns the exact epoch logs (identical on every rank)."""
-        model, module = self.model, self.train_module
-        optimizer, loss = model.optimizer, model.compiled_loss(output_names)
-        scale_numerator = float(self.world)
+        module, optimizer = self.train_module, self.model.optimizer
         wants_batches = callbacks.wants_batches("train")
-        model.module.train()
+        has_metrics = bool(tracker.metrics)
+        self.model.module.train()
         tracker.reset(self.device)
         for step, batch in enumerate(self._prefetched(batches)):
             if wants_batches:
                 callbacks.batch_begin("train", step)
-            with self.autocast():
-                y_pred = as_outputs(call_module(module, batch.x), output_names, "the model output")
-                y_true = as_outputs(batch.y, output_names, "y")
-                sums = loss.per_output_sums(y_pred, y_true, batch.sample_weight, batch.size)
-                total = loss.total(sums)
+            if self.autocast_dtype is None:
+                y_pred, y_true, loss = self._forward(module, batch, output_names)
+            else:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    y_pred, y_true, loss = self._forward(module, batch, output_names)
             optimizer.zero_grad(set_to_none=True)
-            scaled = total * (scale_numerator / batch.global_size)
             if self.scaler is None:
-                scaled.backward()
+                loss.objective.backward()
                 optimizer.step()
             else:
-                self.scaler.scale(scaled).backward()
+                self.scaler.scale(loss.objective).backward()
                 self.scaler.step(optimizer)
                 self.scaler.update()
-            tracker.update_loss(total, sums, batch.size)
-            if tracker.metrics:
+            tracker.update_loss(loss.parts, batch.size)
+            if has_metrics:
                 tracker.update_metrics([p.detach() for p in y_pred], y_true, batch.sample_weight)
             if wants_batches:
                 callbacks.batch_end("train", step, LazyLogs(lambda: tracker.running(self.device)))
@@ -154,7 +160,7 @@ class Engine:
     def test_epoch(self, batches: Iterator[Batch], tracker: MetricSet, callbacks: CallbackList,
                    output_names: list[str]) -> dict[str, float]:
         """Loss and metrics over all batches of all ranks (no gradients, no DDP)."""
-        module, loss = self.eval_module, self.model.compiled_loss(output_names)
+        module = self.eval_module
         wants_batches = callbacks.wants_batches("test")
         was_training = self.model.module.training
         self.model.module.eval()
@@ -164,10 +170,8 @@ class Engine:
                 if wants_batches:
                     callbacks.batch_begin("test", step)
                 with self.autocast():
-                    y_pred = as_outputs(call_module(module, batch.x), output_names, "the model output")
-                    y_true = as_outputs(batch.y, output_names, "y")
-                    sums = loss.per_output_sums(y_pred, y_true, batch.sample_weight, batch.size)
-                    tracker.update_loss(loss.total(sums), sums, batch.size)
+                    y_pred, y_true, loss = self._forward(module, batch, output_names)
+                tracker.update_loss(loss.parts, batch.size)
                 tracker.update_metrics(y_pred, y_true, batch.sample_weight)
                 if wants_batches:
                     callbacks.batch_end("test", step, LazyLogs(lambda: tracker.running(self.device)))

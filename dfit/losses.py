@@ -7,7 +7,8 @@ GLOBAL batch, so DDP's averaged gradient equals the single-process gradient of t
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping, Sequence
+import math
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,8 @@ def sparse_categorical_crossentropy(y_pred, y_true, from_logits: bool = False, i
     if y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1:
         y_true = y_true.squeeze(-1)
     y_true = y_true.long()
+    if from_logits and ignore_class is None:  # one fused kernel
+        return F.cross_entropy(y_pred.movedim(-1, 1) if y_pred.dim() > 2 else y_pred, y_true, reduction="none")
     if from_logits:
         logp = F.log_softmax(y_pred, dim=-1)
     else:
@@ -172,6 +175,16 @@ class CategoricalCrossentropy(_Configured):
 class SparseCategoricalCrossentropy(_Configured):
     fn = staticmethod(sparse_categorical_crossentropy)
 
+    @property
+    def summing(self) -> bool | None:
+        return True if self.from_logits and self.options.get("ignore_class") is None else None
+
+    def summed(self, y_pred, y_true) -> tuple[torch.Tensor, int]:
+        if y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1:
+            y_true = y_true.squeeze(-1)
+        logits = y_pred.movedim(-1, 1) if y_pred.dim() > 2 else y_pred
+        return F.cross_entropy(logits, y_true.long(), reduction="sum"), math.prod(y_pred.shape[1:-1])
+
 
 class Huber(_Configured):
     fn = staticmethod(huber)
@@ -192,24 +205,46 @@ _BY_NAME: dict[str, Callable] = {
 }
 
 
+_ELEMENTWISE = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss,
+                nn.KLDivLoss, nn.PoissonNLLLoss, nn.SoftMarginLoss)
+_CLASS_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
 class _TorchLossModule:
-    """A torch loss module (``nn.CrossEntropyLoss()``, ...) made to return per-element values."""
+    """A torch loss module (``nn.CrossEntropyLoss()``, ...) made to return per-element values.
+
+    For the common modules it also offers ``summed``: the batch sum in one fused kernel (reduction="sum"),
+    which the unweighted hot path uses instead of per-element values and a separate sum.
+    """
 
     def __init__(self, module: nn.Module):
         self.module = copy.copy(module)
         if hasattr(self.module, "reduction"):
             self.module.reduction = "none"
+        self.summing = None
+        if isinstance(module, _ELEMENTWISE + _CLASS_LOSSES):
+            self.summing = copy.copy(module)
+            self.summing.reduction = "sum"
         self.__name__ = type(module).__name__
 
-    def __call__(self, y_pred, y_true):
-        if isinstance(self.module, (nn.CrossEntropyLoss, nn.NLLLoss)):
+    def _prepare(self, y_pred, y_true):
+        if isinstance(self.module, _CLASS_LOSSES):
             if y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1 and not y_true.is_floating_point():
                 y_true = y_true.squeeze(-1)
             if y_pred.dim() > 2 and not y_true.is_floating_point():  # (b, T, C): torch wants classes on dim 1
                 y_pred = y_pred.movedim(-1, 1)
         elif y_pred.is_floating_point():
             y_true = align_targets(y_pred, y_true)
-        return self.module(y_pred, y_true)
+        return y_pred, y_true
+
+    def __call__(self, y_pred, y_true):
+        return self.module(*self._prepare(y_pred, y_true))
+
+    def summed(self, y_pred, y_true) -> tuple[torch.Tensor, int]:
+        """(sum of all per-element losses, elements per sample); per-sample loss sum = first / second."""
+        y_pred, y_true = self._prepare(y_pred, y_true)
+        per_sample = y_pred.shape[2:] if isinstance(self.module, _CLASS_LOSSES) else y_pred.shape[1:]
+        return self.summing(y_pred, y_true), math.prod(per_sample)
 
 
 def get(identifier: Any) -> Callable:
@@ -264,31 +299,51 @@ class CompiledLoss:
             else [1.0] * len(self.output_names)
         self.weights = [float(w) for w in weights]
 
-    def per_output_sums(self, y_preds: list[torch.Tensor], y_trues: list[torch.Tensor],
-                        sample_weight: torch.Tensor | None, size: int) -> list[torch.Tensor]:
-        """Per output: sum over this rank's samples of the (weighted) per-sample loss."""
-        sums = []
-        for fn, y_pred, y_true in zip(self.fns, y_preds, y_trues):
-            values = fn(y_pred, y_true)
-            if values.dim() == 0:  # a callable that already averaged over the batch
-                if sample_weight is not None:
-                    raise ValueError(
-                        f"loss {getattr(fn, '__name__', fn)!r} returned a scalar, so sample weights cannot "
-                        "be applied; return one value per sample instead"
-                    )
-                sums.append(values * size)
-                continue
-            if sample_weight is not None:
-                w = sample_weight
-                while w.dim() < values.dim():
-                    w = w.unsqueeze(-1)
-                values = values * w.to(values.dtype)
-            if values.dim() > 1:
-                values = values.flatten(1).mean(dim=1)
-            sums.append(values.sum())
-        return sums
+    def __call__(self, y_preds: list[torch.Tensor], y_trues: list[torch.Tensor],
+                 sample_weight: torch.Tensor | None, size: int, global_size: int, world: int) -> "LocalLoss":
+        """This rank's loss of one global batch.
 
-    def total(self, sums: list[torch.Tensor]) -> torch.Tensor:
-        if len(sums) == 1 and self.weights[0] == 1.0:
-            return sums[0]
-        return sum(w * s for w, s in zip(self.weights, sums))
+        ``objective`` is what to backpropagate: the rank's summed (weighted) sample losses times
+        ``world / global_size``, so that DDP's gradient average is the gradient of
+        ``sum over the global batch / global_size``. ``parts`` are (value, factor) pairs whose products are
+        the rank's summed losses for the logs: the total first, then each output's when there are several.
+        """
+        scale = world / global_size
+        parts = [self._summed(i, y_preds[i], y_trues[i], sample_weight, size) for i in range(len(self.fns))]
+        if len(parts) == 1:
+            value, factor = parts[0]
+            factor *= self.weights[0]
+            return LocalLoss(value * (factor * scale), [(value, factor)])
+        total = sum(value * (w * factor) for (value, factor), w in zip(parts, self.weights))
+        return LocalLoss(total * scale, [(total, 1.0)] + parts)
+
+    def _summed(self, i: int, y_pred: torch.Tensor, y_true: torch.Tensor, sample_weight: torch.Tensor | None,
+                size: int) -> tuple[torch.Tensor, float]:
+        """(value, factor): value * factor is the sum over this rank's samples of the per-sample loss."""
+        fn = self.fns[i]
+        if sample_weight is None and getattr(fn, "summing", None) is not None:
+            value, per_sample = fn.summed(y_pred, y_true)
+            return value, 1.0 / per_sample
+        values = fn(y_pred, y_true)
+        if values.dim() == 0:  # a callable that already averaged over the batch
+            if sample_weight is not None:
+                raise ValueError(
+                    f"loss {getattr(fn, '__name__', fn)!r} returned a scalar, so sample weights cannot "
+                    "be applied; return one value per sample instead"
+                )
+            if size == 0:  # the mean of no samples is NaN: contribute a zero that still reaches every output
+                return y_pred.sum() * 0.0, 1.0
+            return values, float(size)
+        if sample_weight is not None:
+            w = sample_weight
+            while w.dim() < values.dim():
+                w = w.unsqueeze(-1)
+            values = values * w.to(values.dtype)
+        if values.dim() > 1:
+            values = values.flatten(1).mean(dim=1)
+        return values.sum(), 1.0
+
+
+class LocalLoss(NamedTuple):
+    objective: torch.Tensor
+    parts: list[tuple[torch.Tensor, float]]

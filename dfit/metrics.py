@@ -231,16 +231,34 @@ class MetricSet:
 
     def reset(self, device: torch.device) -> None:
         self.loss_totals = [torch.zeros((), dtype=torch.float64, device=device) for _ in self.loss_names]
+        self._pending: list[list[torch.Tensor]] = [[] for _ in self.loss_names]
+        self._factors: list[list[float]] = [[] for _ in self.loss_names]
         self.samples = 0
         for m in self.metrics:
             m.reset(device)
 
-    def update_loss(self, total: torch.Tensor, per_output: list[torch.Tensor], size: int) -> None:
-        """Add this rank's summed (weighted) sample losses of one batch."""
-        self.loss_totals[0].add_(total.detach())
-        for acc, s in zip(self.loss_totals[1:], per_output):
-            acc.add_(s.detach())
+    def update_loss(self, parts: list[tuple[torch.Tensor, float]], size: int) -> None:
+        """Record this rank's summed losses of one batch (``value * factor`` each).
+
+        No arithmetic on the step: values are kept and folded into float64 totals every
+        ``FOLD_EVERY`` steps and at the end, in one operation per log entry.
+        """
+        for pending, factors, (value, factor) in zip(self._pending, self._factors, parts):
+            pending.append(value.detach())
+            factors.append(factor)
         self.samples += size
+        if len(self._pending[0]) >= self.FOLD_EVERY:
+            self._fold()
+
+    FOLD_EVERY = 256
+
+    def _fold(self) -> None:
+        for total, pending, factors in zip(self.loss_totals, self._pending, self._factors):
+            if pending:
+                values = torch.stack(pending).to(torch.float64)
+                total.add_(values @ torch.tensor(factors, dtype=torch.float64, device=values.device))
+                pending.clear()
+                factors.clear()
 
     def update_metrics(self, y_preds: list[torch.Tensor], y_trues: list[torch.Tensor],
                        sample_weight: torch.Tensor | None) -> None:
@@ -263,6 +281,7 @@ class MetricSet:
         return logs
 
     def _state_vector(self, device: torch.device) -> torch.Tensor:
+        self._fold()
         parts = [*self.loss_totals, torch.tensor(float(self.samples), dtype=torch.float64, device=device)]
         for m in self.metrics:
             for s in m.state():

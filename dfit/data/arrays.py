@@ -134,14 +134,10 @@ class ArrayData:
 
     def _batch(self, plan: GlobalBatchPlan, step: int) -> Batch:
         rows, global_size = plan.rows(step)
-        x = index_rows(self.x, rows)
+        size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
         y = None if self.y is None else index_rows(self.y, rows)
-        if self.sample_weight is None:
-            w = None
-        else:
-            w = self.sample_weight[rows] if isinstance(rows, slice) else self.sample_weight.index_select(0, rows)
-        size = (rows.stop - rows.start) if isinstance(rows, slice) else len(rows)
-        return Batch(x, y, w, size, global_size)
+        w = None if self.sample_weight is None else index_rows(self.sample_weight, rows)
+        return Batch(index_rows(self.x, rows), y, w, size, global_size)
 
     def __len__(self) -> int:
         return self.n

@@ -39,14 +39,19 @@ class GlobalBatchPlan:
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
         self.steps = num_batches(n, batch_size)
         self.order = permutation(n, seed, pass_index) if shuffle else None
+        self.full_steps = n // batch_size
+        self._full_part = part_bounds(batch_size, world, rank)
 
     def global_size(self, step: int) -> int:
         return min(self.batch_size, self.n - step * self.batch_size)
 
     def rows(self, step: int) -> tuple[slice | torch.Tensor, int]:
         first = step * self.batch_size
-        size = self.global_size(step)
-        start, stop = part_bounds(size, self.world, self.rank)
+        if step < self.full_steps:
+            size, (start, stop) = self.batch_size, self._full_part
+        else:
+            size = self.n - first
+            start, stop = part_bounds(size, self.world, self.rank)
         if self.order is None:
             return slice(first + start, first + stop), size
         return self.order[first + start:first + stop], size

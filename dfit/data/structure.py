@@ -34,6 +34,8 @@ def num_rows(s: Any) -> int:
 
 def index_rows(s: Any, idx: torch.Tensor | slice) -> Any:
     """Rows ``idx`` (a slice gives views, an index tensor gathers) of every leaf."""
+    if isinstance(s, torch.Tensor):  # the common case, without the generic walk
+        return s[idx] if isinstance(idx, slice) else s.index_select(0, idx)
     if isinstance(idx, slice):
         return map_structure(lambda t: t[idx], s)
     return map_structure(lambda t: t.index_select(0, idx), s)
