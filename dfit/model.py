@@ -332,17 +332,30 @@ class Model:
         return self.predict(x, batch_size=data.n)
 
     # -- deprecated Keras aliases ----------------------------------------------------------------------
-    def fit_generator(self, generator: Any, *args: Any, **kwargs: Any) -> History:
+    # Keras 2's signatures (positional order and defaults), forwarded by keyword.
+    def fit_generator(self, generator: Any, steps_per_epoch: int | None = None, epochs: int = 1, verbose: Any = 1,
+                      callbacks: list[Callback] | None = None, validation_data: Any = None,
+                      validation_steps: int | None = None, validation_freq: Any = 1,
+                      class_weight: Mapping[int, float] | None = None, max_queue_size: int = 10, workers: int = 1,
+                      use_multiprocessing: bool = False, shuffle: bool = True, initial_epoch: int = 0) -> History:
         warnings.warn("fit_generator is deprecated; use fit, which accepts generators", DeprecationWarning, 2)
-        return self.fit(generator, *args, **kwargs)
+        return self.fit(generator, steps_per_epoch=steps_per_epoch, epochs=epochs, verbose=verbose,
+                        callbacks=callbacks, validation_data=validation_data, validation_steps=validation_steps,
+                        validation_freq=validation_freq, class_weight=class_weight, max_queue_size=max_queue_size,
+                        workers=workers, use_multiprocessing=use_multiprocessing, shuffle=shuffle,
+                        initial_epoch=initial_epoch)
 
-    def evaluate_generator(self, generator: Any, *args: Any, **kwargs: Any) -> Any:
+    def evaluate_generator(self, generator: Any, steps: int | None = None, callbacks: list[Callback] | None = None,
+                           max_queue_size: int = 10, workers: int = 1, use_multiprocessing: bool = False,
+                           verbose: Any = 0) -> Any:
         warnings.warn("evaluate_generator is deprecated; use evaluate", DeprecationWarning, 2)
-        return self.evaluate(generator, *args, **kwargs)
+        return self.evaluate(generator, steps=steps, callbacks=callbacks, verbose=verbose)
 
-    def predict_generator(self, generator: Any, *args: Any, **kwargs: Any) -> Any:
+    def predict_generator(self, generator: Any, steps: int | None = None, callbacks: list[Callback] | None = None,
+                          max_queue_size: int = 10, workers: int = 1, use_multiprocessing: bool = False,
+                          verbose: Any = 0) -> Any:
         warnings.warn("predict_generator is deprecated; use predict", DeprecationWarning, 2)
-        return self.predict(generator, *args, **kwargs)
+        return self.predict(generator, steps=steps, callbacks=callbacks, verbose=verbose)
 
     def predict_proba(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         warnings.warn("predict_proba is deprecated; use predict", DeprecationWarning, 2)
