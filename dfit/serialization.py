@@ -69,6 +69,10 @@ def layer_config(name: str, layer: nn.Module) -> dict[str, Any]:
                 continue
             raise NotImplementedError(f"layer {name!r}: argument {arg!r} is not serializable ({type(value).__name__})")
         config[arg] = jv
+    # torch keeps no dtype attribute: read it off the layer's tensors (Keras configs carry a dtype too).
+    float_dtypes = {t.dtype for t in [*layer.parameters(), *layer.buffers()] if t.is_floating_point()}
+    if len(float_dtypes) == 1 and "dtype" in inspect.signature(type(layer).__init__).parameters:
+        config["dtype"] = str(float_dtypes.pop()).removeprefix("torch.")
     if hasattr(layer, "get_config") and callable(layer.get_config):
         config = dict(layer.get_config())
     return {"class_name": type(layer).__name__, "name": name, "config": config}
@@ -80,7 +84,13 @@ def layer_from_config(entry: Mapping[str, Any], custom_objects: Mapping[str, typ
     cls = (custom_objects or {}).get(class_name) or getattr(nn, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"Unknown layer class {class_name!r}; pass it in custom_objects={{'{class_name}': cls}}")
-    return cls(**entry.get("config", {}))
+    config = dict(entry.get("config", {}))
+    if isinstance(config.get("dtype"), str):
+        dtype = getattr(torch, config["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"layer {entry.get('name')!r}: unknown dtype {config['dtype']!r}")
+        config["dtype"] = dtype
+    return cls(**config)
 
 
 def model_config(model: "Model") -> dict[str, Any]:

@@ -407,3 +407,17 @@ def test_model_module_is_the_bare_module():
     model.compile("sgd", "mse")
     model.fit(np.zeros((3, 2), np.float32), np.zeros((3, 1), np.float32), epochs=1, verbose=0)
     assert model.module is module
+
+
+def test_config_records_the_layer_dtype():
+    model = dfit.Sequential([nn.Linear(2, 3, dtype=F64), nn.ReLU(), nn.LayerNorm(3, dtype=F64)])
+    config = model.get_config()
+    assert config["layers"][0]["config"]["dtype"] == "float64"
+    assert "dtype" not in config["layers"][1]["config"]  # no tensors, nothing to record
+    rebuilt = dfit.Sequential.from_config(config)
+    assert rebuilt.get_layer("linear").weight.dtype == torch.float64
+    assert rebuilt.get_layer("layernorm").weight.dtype == torch.float64
+    assert dfit.Sequential.from_config(_mlp().get_config()).get_layer("linear").weight.dtype == torch.float32
+    config["layers"][0]["config"]["dtype"] = "float99"
+    with pytest.raises(ValueError, match="unknown dtype"):
+        dfit.Sequential.from_config(config)
