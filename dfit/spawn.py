@@ -68,7 +68,8 @@ def _check_start_method(method: str, model: Any) -> None:
                 "from a .py module.")
         return
     main = sys.modules.get("__main__")
-    interactive = main is None or not getattr(main, "__file__", None)
+    main_file = getattr(main, "__file__", None)
+    interactive = main is None or not main_file or not os.path.isfile(main_file)  # notebook, -c, stdin
     classes = {type(model), type(model.module)} | {type(m) for m in model.module.modules()}
     local = sorted(c.__qualname__ for c in classes if c.__module__ == "__main__")
     if local and interactive:

@@ -1,0 +1,142 @@
+"""Shared fixtures. Launcher tests: a clean subprocess environment, process-leak checks, a local Slurm."""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Variables a launcher sets in its children; a test's own job must not inherit the ones of the test runner.
+_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "DFIT_SPAWN", "DFIT_EXTERNAL_STORE")
+_LAUNCH_PREFIXES = ("TORCHELASTIC_", "SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "MV2_", "PALS_", "HYDRA_",
+                    "I_MPI_", "PET_")
+
+
+def launch_env(**extra: str) -> dict:
+    """os.environ without any launcher's variables, with this checkout importable and this Python first on
+    PATH (so torchrun, dfit-launch, mpiexec from the venv are the ones used)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def pids_with(token: str) -> list[int]:
+    """PIDs of live processes (not zombies) whose command line contains ``token``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if token in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def wait_no_process(token: str, timeout: float = 10.0) -> list[int]:
+    """Wait until no process carries ``token``; returns the ones still alive at the timeout."""
+    deadline = time.time() + timeout
+    while True:
+        left = pids_with(token)
+        if not left or time.time() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def tag() -> str:
+    """A unique token to put on a job's command line, to find its processes afterwards."""
+    return f"dfit-test-{uuid.uuid4().hex[:12]}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# A one-node Slurm on localhost, shared by the xdist workers of one test run (started once, under a lock;
+# the last worker to finish stops it).
+
+class LocalSlurm:
+    def __init__(self, conf: Path):
+        self.conf = conf
+
+    def env(self, **extra: str) -> dict:
+        return launch_env(SLURM_CONF=str(self.conf), **extra)
+
+    def submit(self, script: str | Path, args: list[str], options: list[str], output: Path,
+               timeout: float = 120.0, env: dict | None = None) -> dict:
+        """sbatch the script, wait for the job to end; returns its state, exit code, output and duration."""
+        env = env or self.env()
+        start = time.time()
+        res = subprocess.run(["sbatch", "--parsable", f"--output={output}", *options, str(script), *args],
+                             env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, f"sbatch failed: {res.stderr}"
+        job = res.stdout.strip().split(";")[0]
+        info = self.wait(job, timeout, env)
+        info["job_id"] = job
+        info["seconds"] = time.time() - start
+        info["output"] = output.read_text() if output.exists() else ""
+        return info
+
+    def wait(self, job: str, timeout: float, env: dict) -> dict:
+        deadline = time.time() + timeout
+        fields: dict = {}
+        while time.time() < deadline:
+            out = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True,
+                                 text=True).stdout
+            fields = dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+            state = fields.get("JobState", "")
+            if state and state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED"):
+                return {"state": state, "exit_code": fields.get("ExitCode", "")}
+            time.sleep(0.2)
+        subprocess.run(["scancel", job], env=env, capture_output=True)
+        raise AssertionError(f"Slurm job {job} did not end within {timeout} s (last: {fields.get('JobState')})")
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    sys.path.insert(0, str(Path(__file__).parent))
+    import slurm_cluster
+
+    reason = slurm_cluster.available()
+    if reason:
+        pytest.skip(reason)
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex
+    base = Path(tempfile.gettempdir()) / f"dfit-slurm-{run_id[:16]}"
+    base.mkdir(parents=True, exist_ok=True)
+    users = base / "users"
+    with open(base / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            conf = slurm_cluster.start(base / "cluster")
+            count = int(users.read_text()) if users.exists() else 0
+            users.write_text(str(count + 1))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    yield LocalSlurm(conf)
+    with open(base / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            count = int(users.read_text()) - 1
+            users.write_text(str(count))
+            if count <= 0:
+                slurm_cluster.stop(base / "cluster")
+                shutil.rmtree(base / "cluster", ignore_errors=True)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,0 +1,312 @@
+"""Real launchers, 2 processes on gloo: torchrun, dfit-launch, mpiexec, multi_gpu_model and a local Slurm.
+
+Each run's history must equal the one-process history (world-size invariance), not merely exit 0. The
+failing-rank tests make rank 1 raise at step 3 of epoch 1 and check that the job ends non-zero, names the
+rank and the exception, and leaves no process behind; they print how long the job took to end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, launch_env, wait_no_process
+
+TRAIN = REPO / "tests" / "launch_train.py"
+DIGITS = REPO / "examples" / "digits.py"
+PY = sys.executable
+
+
+def run(cmd: list[str], timeout: float = 150, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=REPO, env=env or launch_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_same_history(got: dict, want: dict) -> None:
+    assert list(got) == list(want), (list(got), list(want))
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-5, atol=2e-6, err_msg=key)
+
+
+def _load(path: Path) -> dict:
+    assert path.exists(), f"rank 0 wrote no result to {path}"
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> dict:
+    """The one-process result of launch_train.py (plain `python`)."""
+    out = tmp_path_factory.mktemp("ref") / "train.json"
+    res = run([PY, TRAIN, "--out", out])
+    assert res.returncode == 0, res.stderr
+    data = _load(out)
+    assert data["world_size"] == 1 and data["environment"] == "local"
+    return data
+
+
+@pytest.fixture(scope="session")
+def digits_reference(tmp_path_factory) -> dict:
+    """The one-process history of examples/digits.py for 2 epochs."""
+    out = tmp_path_factory.mktemp("ref") / "digits.json"
+    res = run([PY, DIGITS, "--epochs", "2", "--verbose", "0", "--history-out", out])
+    assert res.returncode == 0, res.stderr
+    return _load(out)
+
+
+def _launcher(name: str) -> list[str]:
+    if name == "torchrun":
+        return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    exe = Path(PY).parent / "dfit-launch"
+    return ([str(exe)] if exe.exists() else [PY, "-m", "dfit.launch"]) + ["--nproc-per-node", "2"]
+
+
+def _mpiexec() -> str:
+    exe = Path(PY).parent / "mpiexec"
+    if not exe.exists():
+        pytest.skip("mpiexec not installed in this environment (pip install 'dfit[mpi]')")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pytest.skip("mpi4py not installed (pip install 'dfit[mpi]')")
+    return str(exe)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2 processes == 1 process, under each launcher
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("launcher", ["torchrun", "dfit-launch"])
+def test_digits_two_processes_equal_one(launcher, digits_reference, tmp_path):
+    out = tmp_path / "h.json"
+    res = run(_launcher(launcher) + [DIGITS, "--epochs", "2", "--verbose", "0", "--history-out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _load(out)
+    assert (got["world_size"], got["environment"]) == (2, "torchrun")
+    assert_same_history(got["history"], digits_reference["history"])
+
+
+@pytest.mark.timeout(150)
+def test_mpiexec_two_processes_equal_one(digits_reference, tmp_path):
+    out = tmp_path / "h.json"
+    res = run([_mpiexec(), "-n", "2", PY, DIGITS, "--epochs", "2", "--verbose", "0", "--history-out", out])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _load(out)
+    assert (got["world_size"], got["environment"]) == (2, "mpi")
+    assert_same_history(got["history"], digits_reference["history"])
+
+
+@pytest.mark.timeout(150)
+def test_dfit_launch_max_restarts_recovers(reference, tmp_path):
+    """Rank 1 dies at step 3 after the process group is up; the restarted round must rendezvous afresh."""
+    out, marker = tmp_path / "h.json", tmp_path / "failed-once"
+    res = run(_launcher("dfit-launch") + ["--max-restarts", "1", TRAIN, "--out", out, "--fail-rank", "1",
+                                          "--fail-once-marker", marker])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert marker.exists(), "the first attempt did not fail as planned"
+    got = _load(out)
+    assert got["restart"] == "1" and got["world_size"] == 2
+    assert_same_history(got["history"], reference["history"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# multi_gpu_model from a Python process; the model class is defined in __main__ of a script fed on stdin,
+# i.e. a module with no file, as in a notebook.
+
+MULTI_GPU_SCRIPT = textwrap.dedent("""
+    import json, sys, numpy as np, torch, dfit
+    from torch import nn
+
+    class Net(nn.Module):                       # defined in __main__, as in a notebook
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 1)
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    def make():
+        torch.manual_seed(0)
+        m = dfit.Model(Net())
+        m.compile(optimizer="adam", loss="mse", metrics=["mae"])
+        return m
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(250, 8)).astype("float32")
+    y = (x @ rng.normal(size=(8, 1))).astype("float32")
+    kw = dict(batch_size=32, epochs=3, validation_split=0.2, seed=0, verbose=0)
+    one = make(); h1 = one.fit(x, y, **kw)
+    two = make(); par = dfit.multi_gpu_model(two, gpus=2)
+    h2 = par.fit(x, y, **kw)
+    weights_diff = max(float((a - b).abs().max()) for a, b in zip(one.module.parameters(), two.module.parameters()))
+    result = {"h1": h1.history, "h2": h2.history, "epoch": h2.epoch, "weights_diff": weights_diff,
+              "eval1": one.evaluate(x, y, verbose=0), "eval2": par.evaluate(x, y, verbose=0),
+              "pred_diff": float(np.abs(one.predict(x) - par.predict(x)).max()),
+              "pred_shape": list(par.predict(x).shape)}
+    # a second fit continues from the returned weights and optimizer state, like the 1-process model
+    result["h1b"] = one.fit(x, y, **kw).history
+    result["h2b"] = par.fit(x, y, **kw).history
+    json.dump(result, sys.stdout)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_multi_gpu_model_matches_one_process():
+    res = subprocess.run([PY, "-"], input=MULTI_GPU_SCRIPT, cwd=REPO, env=launch_env(), capture_output=True,
+                         text=True, timeout=110)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert_same_history(r["h2"], r["h1"])
+    assert_same_history(r["h2b"], r["h1b"])
+    assert r["epoch"] == [0, 1, 2]
+    assert r["weights_diff"] < 1e-5
+    np.testing.assert_allclose(r["eval2"], r["eval1"], rtol=1e-5)
+    assert r["pred_diff"] < 1e-5 and r["pred_shape"] == [250, 1]
+
+
+def test_multi_gpu_model_failing_worker_names_rank():
+    import torch
+
+    import dfit
+
+    class Boom(dfit.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2 and dfit.distributed.rank() == 1:
+                raise ValueError("boom in worker")
+
+    torch.manual_seed(0)
+    model = dfit.Sequential([torch.nn.Linear(4, 1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.zeros((64, 4), np.float32)
+    start = time.time()
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2.*ValueError: boom in worker"):
+        dfit.multi_gpu_model(model, gpus=2).fit(x, x[:, :1], batch_size=8, epochs=50, verbose=0,
+                                                callbacks=[Boom()])
+    assert time.time() - start < 60
+
+
+@pytest.mark.timeout(60)
+def test_multi_gpu_model_spawn_refuses_notebook_class():
+    script = textwrap.dedent("""
+        import torch, dfit
+        class Net(torch.nn.Linear):
+            pass
+        m = dfit.Model(Net(2, 1)); m.compile(optimizer="sgd", loss="mse")
+        try:
+            dfit.multi_gpu_model(m, gpus=2, start_method="spawn").fit(torch.zeros(8, 2), torch.zeros(8, 1))
+        except RuntimeError as e:
+            print("ERROR:", e)
+    """)
+    res = subprocess.run([PY, "-"], input=script, cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                         timeout=50)
+    assert "ERROR:" in res.stdout, res.stderr[-2000:]
+    assert "Net" in res.stdout and "start_method='fork'" in res.stdout and ".py module" in res.stdout
+
+
+# ----------------------------------------------------------------------------------------------------
+# A failing rank ends the job
+
+def _check_failure(res: subprocess.CompletedProcess, tag: str, stamp: Path, label: str) -> float:
+    ended = time.time()
+    text = res.stdout + res.stderr
+    assert res.returncode != 0, f"{label}: exit code 0 after a failing rank"
+    assert "ValueError" in text and "injected failure on rank 1" in text, text[-3000:]
+    assert "rank 1" in text or "rank: 1" in text, text[-3000:]
+    left = wait_no_process(tag, timeout=10)
+    assert not left, f"{label}: processes left running: {left}"
+    assert stamp.exists(), f"{label}: the failure was never injected"
+    took = ended - float(stamp.read_text())
+    print(f"\n[failing rank] {label}: job ended {took:.2f} s after the exception (exit code {res.returncode})")
+    return took
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("launcher", ["dfit-launch", "torchrun"])
+def test_failing_rank_ends_job_elastic(launcher, tag, tmp_path):
+    stamp = tmp_path / "stamp"
+    res = run(_launcher(launcher) + [TRAIN, "--fail-rank", "1", "--fail-stamp", stamp, "--tag", tag], timeout=110)
+    took = _check_failure(res, tag, stamp, launcher)
+    assert "Root Cause" in res.stderr  # torch's report, with the worker's traceback from the error file
+    assert "raise ValueError" in res.stderr, "the failing rank's traceback did not reach the launcher"
+    if launcher == "dfit-launch":
+        assert "dfit-launch: rank 1 (local rank 1) failed with exit code 1 (first failure): ValueError" in res.stderr
+    assert took < 30
+
+
+@pytest.mark.timeout(120)
+def test_failing_rank_ends_job_mpiexec(tag, tmp_path):
+    stamp = tmp_path / "stamp"
+    res = run([_mpiexec(), "-n", "2", PY, TRAIN, "--fail-rank", "1", "--fail-stamp", stamp, "--tag", tag],
+              timeout=110)
+    took = _check_failure(res, tag, stamp, "mpiexec")
+    assert "[dfit] rank 1 of 2 (mpi) failed" in res.stderr and "MPI_Abort" in res.stderr + res.stdout
+    assert took < 30
+
+
+# ----------------------------------------------------------------------------------------------------
+# Slurm (a one-node cluster on localhost, started by the `slurm` fixture)
+
+# Options that make each template fit this one machine (2 CPUs, 2 fake GPUs, one node); the templates
+# themselves are submitted unchanged.
+TEMPLATE_FIT = {
+    "one_node_gpus.sbatch": ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"],
+    "multi_node_srun.sbatch": ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"],
+    "multi_node_torchrun.sbatch": ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=2", "--cpus-per-task=2"],
+}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("template", sorted(TEMPLATE_FIT))
+def test_slurm_template(template, slurm, digits_reference, tmp_path):
+    out = tmp_path / "h.json"
+    job = slurm.submit(REPO / "slurm" / template, [str(DIGITS), "--epochs", "2", "--verbose", "0",
+                                                    "--history-out", str(out)],
+                       TEMPLATE_FIT[template], tmp_path / "job.out", timeout=150)
+    assert job["state"] == "COMPLETED", job
+    got = _load(out)
+    want_env = "torchrun" if "torchrun" in template else "slurm"
+    assert (got["world_size"], got["environment"]) == (2, want_env), got
+    assert_same_history(got["history"], digits_reference["history"])
+
+
+@pytest.mark.timeout(120)
+def test_slurm_batch_shell_is_one_process(slurm, tmp_path):
+    """Inside sbatch but outside srun, SLURM_NTASKS=2 is set, yet `python train.py` is ONE process."""
+    script = tmp_path / "plain.sbatch"
+    out = tmp_path / "r.json"
+    script.write_text(f"#!/bin/bash\n#SBATCH --ntasks=2\n#SBATCH --cpus-per-task=1\n"
+                      f"{PY} -c 'import dfit.distributed as d; print(\"DETECT\", d.detect())'\n"
+                      f"{PY} {REPO / 'tests' / 'launch_tiny.py'} --out {out}\n")
+    job = slurm.submit(script, [], [], tmp_path / "job.out", timeout=100)
+    assert job["state"] == "COMPLETED", job
+    assert "DETECT LaunchInfo(environment='local'" in job["output"], job["output"]
+    got = _load(out)
+    assert (got["world_size"], got["environment"]) == (1, "local")
+
+
+@pytest.mark.timeout(120)
+def test_failing_rank_ends_job_srun(slurm, tag, tmp_path):
+    stamp = tmp_path / "stamp"
+    res = run(["srun", "--kill-on-bad-exit=1", "-n", "2", "--cpus-per-task=1", PY, TRAIN, "--fail-rank", "1",
+               "--fail-stamp", stamp, "--tag", tag], env=slurm.env(), timeout=110)
+    took = _check_failure(res, tag, stamp, "srun")
+    assert "[dfit] rank 1 of 2 (slurm) failed" in res.stderr
+    assert took < 30
+
+
+@pytest.mark.timeout(150)
+def test_failing_rank_ends_job_sbatch_template(slurm, tag, tmp_path):
+    """The same through a template: the job fails (not hangs) and its output names the rank."""
+    stamp = tmp_path / "stamp"
+    job = slurm.submit(REPO / "slurm" / "one_node_gpus.sbatch",
+                       [str(TRAIN), "--fail-rank", "1", "--fail-stamp", str(stamp), "--tag", tag],
+                       TEMPLATE_FIT["one_node_gpus.sbatch"], tmp_path / "job.out", timeout=120)
+    assert job["state"] == "FAILED", job
+    assert "[dfit] rank 1 of 2 (slurm) failed" in job["output"] and "injected failure" in job["output"]
+    assert not wait_no_process(tag, timeout=10)
