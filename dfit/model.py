@@ -216,6 +216,7 @@ class Model:
 
         # 3. epochs ---------------------------------------------------------------------------------------
         callback_list.call("on_train_begin", {})
+        logs: dict[str, float] = {}
         for epoch in range(initial_epoch, epochs):
             callback_list.call("on_epoch_begin", epoch, {})
             batches = train.epoch(epoch, batch_size, steps_per_epoch, bool(shuffle), seed, rank, world)
@@ -227,7 +228,7 @@ class Model:
             callback_list.call("on_epoch_end", epoch, logs)
             if self._agree_to_stop():
                 break
-        callback_list.call("on_train_end", {})
+        callback_list.call("on_train_end", dict(logs))  # the last epoch's logs, as Keras
         return history
 
     def _agree_to_stop(self) -> bool:
