@@ -83,7 +83,7 @@ def _reader(stream, q):
     q.put({"error": "worker exited", "eof": True})
 
 
-def start_group(runner: str, world: int, port: int, logdir: Path) -> Group:
+def start_group(runner: str, world: int, port: int, logdir: Path, nice: int = 0) -> Group:
     g = Group(runner, world)
     g.log = open(logdir / f"{runner}-{world}.log", "w")
     for rank in range(world):
@@ -92,7 +92,7 @@ def start_group(runner: str, world: int, port: int, logdir: Path) -> Group:
             env.update(common.ddp_env(rank, world, port))
         p = subprocess.Popen([sys.executable, WORKER, "--runner", runner, "--rank", str(rank), "--world", str(world)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=g.log, text=True, env=env,
-                             cwd=str(common.REPO))
+                             cwd=str(common.REPO), preexec_fn=(lambda: os.nice(nice)) if nice else None)
         q: queue.Queue = queue.Queue()
         threading.Thread(target=_reader, args=(p.stdout, q), daemon=True).start()
         g.procs.append(p)
@@ -280,6 +280,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     ap.add_argument("--timeout", type=float, default=600, help="seconds one command may take")
     ap.add_argument("--seed", type=int, default=0, help="seed of the per-round runner order")
+    ap.add_argument("--nice", type=int, default=0,
+                    help="niceness increment for the workers (negative, as root, to shield the timing from "
+                         "other work on a shared machine; recorded in the report)")
     args = ap.parse_args(argv)
     if args.quick:
         args.samples = min(args.samples, 2048)
@@ -337,7 +340,7 @@ def main(argv=None) -> int:
     groups: dict[tuple, Group] = {}
     print(f"starting {sum(w for _, w in needed)} worker processes (logs in {logdir}) ...", flush=True)
     for (runner, world), port in zip(needed, ports):
-        groups[(runner, world)] = start_group(runner, world, port, logdir)
+        groups[(runner, world)] = start_group(runner, world, port, logdir, args.nice)
     for g in groups.values():
         collect(g, timeout=300)
         if g.error:
@@ -406,7 +409,8 @@ def main(argv=None) -> int:
         f"(2 processes: DDP), same round. µs/step and samples/s: medians over rounds. "
         f"'ratio of best epochs': fastest epoch / baseline's fastest (robust to interference). "
         f"Load average before / after the rounds: {load_before[0]:.2f} / {load_after[0]:.2f} "
-        f"(other work on the machine inflates the spread).",
+        f"(other work on the machine inflates the spread)"
+        f"{f'; workers ran at niceness {args.nice:+d}' if args.nice else ''}.",
         "",
         table,
         "",

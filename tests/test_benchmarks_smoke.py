@@ -1,0 +1,105 @@
+"""The benchmark harness runs end to end in a tiny mode and prints well-formed tables.
+
+Never asserts a time or a ratio's value (that is what benchmarks/RESULTS.md is for): only that every
+runner produced a row, the numbers parse, and the baseline's ratio to itself is 1.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+
+
+def _run(args: list[str], timeout: int = 240) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        env.pop(name, None)
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=str(REPO),
+                       timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
+    return r.stdout
+
+
+def _table(text: str, first_header_cell: str) -> tuple[list[str], list[list[str]]]:
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header_cell} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    assert set(lines[start + 1].replace("|", "").strip()) <= {"-"}
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    assert all(len(r) == len(header) for r in rows), (header, rows)
+    return header, rows
+
+
+def _num(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
+def test_run_quick_prints_every_runner_and_does_not_touch_results(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = _run([str(BENCH / "run.py"), "--quick", "--samples", "512", "--rounds", "1", "--wide-rounds", "1",
+                "--runners", "hand,dfit", "--configs", "SMALL,SMALL+shuf,WIDE", "--import-repeats", "1",
+                "--results", str(results)])
+    header, rows = _table(out, "config")
+    assert header[:6] == ["config", "runner", "procs", "rounds", "samples/s", "µs/step"]
+    seen = {(r[0], r[1], r[2]) for r in rows}
+    for cfg in ("SMALL", "SMALL+shuf", "WIDE"):
+        assert (cfg, "hand-written loop (slicing)", "1") in seen
+        assert (cfg, "hand-written DDP loop (slicing)", "2") in seen
+        assert (cfg, "dfit fit()", "1") in seen
+        assert (cfg, "dfit fit()", "2") in seen
+    for r in rows:
+        assert _num(r[4]) > 0 and _num(r[5]) > 0
+        ratio = _num(r[6])
+        assert ratio > 0
+        if r[1].startswith("hand-written") and "DataLoader" not in r[1]:
+            assert ratio == 1.0
+    imp_header, imp_rows = _table(out, "import")
+    assert {r[0] for r in imp_rows} >= {"import torch", "import dfit"}
+    assert "Targets (issue 6):" in out
+    assert re.search(r"SMALL dfit / hand-written loop \(slicing\), 1 proc: \d", out)
+    # --results given: the report is appended there, and only there
+    text = results.read_text()
+    assert "| config | runner |" in text and "Machine:" in text
+
+
+def test_datapath_quick():
+    out = _run([str(BENCH / "datapath.py"), "--rounds", "1", "--samples", "1024", "--batch", "64", "--no-append"])
+    header, rows = _table(out, "batch")
+    ways = {r[1] for r in rows}
+    assert {"slice", "DataLoader(TensorDataset)", "dfit adapter, shuffle=False"} <= ways
+    assert all(_num(r[2]) > 0 for r in rows)
+
+
+def test_memory_quick_measures_both_workers():
+    out = _run([str(BENCH / "memory.py"), "--gb", "0.01", "--methods", "fork", "--inputs", "torch",
+                "--no-append"], timeout=280)
+    header, rows = _table(out, "start method")
+    assert len(rows) == 1
+    assert rows[0][0] == "fork"
+    assert len(rows[0][3].split(",")) == 2  # one USS figure per worker
+
+
+def test_gpu_benchmark_skips_without_cuda_and_runs_a_cpu_smoke():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu.py itself")
+    assert "skipped" in _run([str(BENCH / "gpu.py")])
+    out = _run([str(BENCH / "gpu.py"), "--cpu-smoke", "--models", "resnet,transformer",
+                "--precisions", "32,bf16-mixed", "--no-append"])
+    header, rows = _table(out, "workload")
+    assert {(r[0], r[1]) for r in rows} == {("resnet", "32"), ("resnet", "bf16-mixed"),
+                                            ("transformer", "32"), ("transformer", "bf16-mixed")}
+    assert all(_num(r[4]) > 0 and _num(r[5]) > 0 for r in rows)
