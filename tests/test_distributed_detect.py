@@ -1,0 +1,167 @@
+"""Launch-environment detection, one environment at a time, from the variables each launcher really sets
+(see shared/CLUSTER-NOTES.md), plus the Slurm helpers and the failure hooks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dfit import distributed as dd
+from dfit.distributed import LaunchInfo, detect, first_host, slurm_port
+
+from conftest import REPO, launch_env
+
+TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
+            "MASTER_ADDR": "node1", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "abc",
+            "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+# What an srun step of a 2-node job with 2 tasks per node sets (task 3 = second task of the second node).
+SRUN_STEP = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
+             "SLURM_STEP_ID": "0", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_ID": "4242",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]",
+             "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
+# The batch shell of `sbatch --ntasks=2`: no step id, but PROCID/NTASKS already there.
+SBATCH_SHELL = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1",
+                "SLURM_NODEID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "vm", "SLURM_TASKS_PER_NODE": "2"}
+OPEN_MPI = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "PMIX_RANK": "1"}
+MPICH_HYDRA = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2",
+               "PMI_HOSTNAME": "vm"}
+INTEL_MPI = {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4",
+             "I_MPI_ROOT": "/opt/intel/mpi", "I_MPI_HYDRA_TOPOLIB": "hwloc"}
+MVAPICH = {"MV2_COMM_WORLD_RANK": "2", "MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_LOCAL_RANK": "0",
+           "MV2_COMM_WORLD_LOCAL_SIZE": "2"}
+SPAWN = {"DFIT_SPAWN": "1", "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": "12345"}
+
+
+def test_nothing_is_one_local_process():
+    assert detect({}) == LaunchInfo("local")
+    assert detect({"PATH": "/usr/bin", "HOME": "/root"}).world_size == 1
+
+
+def test_torchrun():
+    assert detect(TORCHRUN) == LaunchInfo("torchrun", 3, 1, 4, 2, "node1", 29400)
+
+
+def test_plain_env_rank_and_world_size_is_torchrun_style():
+    info = detect({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert (info.environment, info.rank, info.world_size, info.master_port) == ("torchrun", 0, 2, 1)
+
+
+def test_srun_step():
+    info = detect(SRUN_STEP)
+    assert info.environment == "slurm"
+    assert (info.rank, info.local_rank, info.world_size, info.local_world_size) == (3, 1, 4, 2)
+    assert info.master_addr == "gpu07"
+    assert info.master_port == slurm_port("4242", "0")
+
+
+def test_srun_step_master_port_and_addr_can_be_given():
+    info = detect({**SRUN_STEP, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "23456"})
+    assert (info.master_addr, info.master_port) == ("10.0.0.1", 23456)
+
+
+def test_sbatch_batch_shell_is_not_a_multi_process_job():
+    """SLURM_NTASKS=2 outside srun: trusting it would make `python train.py` wait forever for rank 1."""
+    assert detect(SBATCH_SHELL) == LaunchInfo("local")
+    # the batch/extern/interactive steps are not srun task steps either
+    assert detect({**SBATCH_SHELL, "SLURM_STEP_ID": "batch"}).environment == "local"
+    assert detect({**SBATCH_SHELL, "SLURM_STEP_ID": "interactive"}).environment == "local"
+
+
+@pytest.mark.parametrize("env, want", [
+    (OPEN_MPI, (1, 1, 2, 2)),
+    (MPICH_HYDRA, (1, 1, 2, 2)),
+    (INTEL_MPI, (5, 1, 8, 4)),
+    (MVAPICH, (2, 0, 4, 2)),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_WORLD_SIZE": "3"}, (0, 0, 3, 3)),  # Open MPI 5 variant
+], ids=["openmpi", "mpich-hydra", "intel-mpi", "mvapich", "openmpi5"])
+def test_mpi(env, want):
+    info = detect(env)
+    assert info.environment == "mpi"
+    assert (info.rank, info.local_rank, info.world_size, info.local_world_size) == want
+    assert info.master_addr is None  # mpi4py hands rank 0's address out at init
+
+
+def test_mpirun_inside_an_allocation_is_mpi_not_slurm():
+    """mpirun's daemons are started by srun: its ranks see the daemon step's SLURM_* values."""
+    env = {**SRUN_STEP, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", **OPEN_MPI}
+    assert detect(env).environment == "mpi" and detect(env).rank == 1
+
+
+def test_torchrun_inside_an_srun_step_is_torchrun():
+    """slurm/multi_node_torchrun.sbatch: srun starts one launcher per node; its workers are torchrun's."""
+    info = detect({**SRUN_STEP, **TORCHRUN})
+    assert info.environment == "torchrun" and info.rank == 3 and info.world_size == 4
+
+
+def test_spawn():
+    assert detect(SPAWN) == LaunchInfo("spawn", 1, 1, 2, 2, "127.0.0.1", 12345)
+
+
+def test_bad_integer_is_a_clear_error():
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        detect({"RANK": "0", "WORLD_SIZE": "two"})
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("vm", "vm"), ("node[03-05,9],gpu1", "node03"), ("gpu1,node[1-2]", "gpu1"),
+    ("rack[1-2]-node[07-08]", "rack1-node07"), ("n[009-011]", "n009"), ("a-b.example.org", "a-b.example.org"),
+])
+def test_first_host(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_tasks_per_node():
+    assert dd._tasks_on_node("2(x3),1", 0) == 2
+    assert dd._tasks_on_node("2(x3),1", 3) == 1
+    assert dd._tasks_on_node("4", 0) == 4
+
+
+def test_slurm_port_range_and_steps():
+    ports = {slurm_port(j, s) for j in range(1000, 1100) for s in range(3)}
+    assert all(20000 <= p < 32768 for p in ports)  # below Linux's ephemeral range
+    assert slurm_port(7, 0) != slurm_port(7, 1)
+    assert slurm_port("123") == slurm_port(123, 0)
+
+
+def test_environment_names_in_a_real_process():
+    """environment(), rank(), world_size() in a fresh interpreter under each set of variables."""
+    code = "import dfit.distributed as d; print(d.environment(), d.rank(), d.world_size(), d.local_rank())"
+    for env, want in ((SBATCH_SHELL, "local 0 1 0"), (SRUN_STEP, "slurm 3 4 1"), (TORCHRUN, "torchrun 3 4 1")):
+        out = subprocess.run([sys.executable, "-c", code], env=launch_env(**env), cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+        assert out.stdout.strip() == want, out.stderr
+
+
+def test_backend_and_timeout_overrides(monkeypatch):
+    monkeypatch.setenv("DFIT_BACKEND", "gloo")
+    assert dd._choose_backend() == "gloo"
+    monkeypatch.delenv("DFIT_BACKEND")
+    assert dd._choose_backend() == ("nccl" if __import__("torch").cuda.is_available() else "gloo")
+    monkeypatch.setenv("DFIT_TIMEOUT", "42")
+    assert dd._timeout(None).total_seconds() == 42
+    assert dd._timeout(5).total_seconds() == 5
+
+
+def test_failure_hook_names_rank_and_records_error_file(tmp_path):
+    """Under torchrun the hook writes torch elastic's error file (what errors.record would write)."""
+    err = tmp_path / "error.json"
+    code = "import dfit.distributed\nraise KeyError('lost')\n"
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env=launch_env(**{**TORCHRUN, "RANK": "1", "TORCHELASTIC_ERROR_FILE": str(err)}))
+    assert res.returncode == 1
+    assert "[dfit] rank 1 of 4 (torchrun) failed with an unhandled KeyError" in res.stderr
+    assert "KeyError: 'lost'" in err.read_text()
+
+
+def test_resolve_nproc():
+    from dfit.launch import resolve_nproc
+
+    import torch
+
+    assert resolve_nproc("auto") == max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert resolve_nproc("3") == 3
+    with pytest.raises(ValueError):
+        resolve_nproc("0")
