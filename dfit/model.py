@@ -141,9 +141,12 @@ class Model:
             self._engine = Engine(self)
         return self._engine
 
-    def _adapt(self, x: Any, y: Any = None, sample_weight: Any = None, what: str = "x"):
+    def _adapt(self, x: Any, y: Any = None, sample_weight: Any = None, what: str = "x", targets: bool = True):
         temporal = self._compile_args.get("sample_weight_mode") == "temporal"
-        return data_mod.adapt(x, y, sample_weight, float_dtype=self._float_dtype(), temporal=temporal, what=what)
+        data = data_mod.adapt(x, y, sample_weight, float_dtype=self._float_dtype(), temporal=temporal, what=what)
+        if targets and isinstance(data, (data_mod.ArrayData, data_mod.DatasetData)) and data.y is None:
+            raise ValueError(f"{what} comes without targets: pass y (or a Dataset whose items are (x, y))")
+        return data
 
     def _remember_example(self, adapter: Any) -> None:
         if self._example is None and isinstance(adapter, data_mod.ArrayData):
@@ -290,7 +293,7 @@ class Model:
         """Predictions for every input row exactly once, in input order, returned on every rank (numpy)."""
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(steps, "steps")
-        data = self._adapt(x)
+        data = self._adapt(x, targets=False)
         self._remember_example(data)
         engine = self._get_engine()
         batch_size = batch_size or 32
@@ -329,7 +332,7 @@ class Model:
         return _keras_result(logs, return_dict)
 
     def predict_on_batch(self, x: Any) -> Any:
-        data = self._adapt(x)
+        data = self._adapt(x, targets=False)
         return self.predict(x, batch_size=data.n)
 
     # -- deprecated Keras aliases ----------------------------------------------------------------------

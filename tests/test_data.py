@@ -369,6 +369,21 @@ def test_empty_and_missing_input():
         model.predict(np.array(3.0))
 
 
+def test_missing_targets_are_a_clear_error():
+    model = frozen_model(Recorder())
+    with pytest.raises(ValueError, match="without targets"):
+        model.fit(row_ids(4), epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="without targets"):
+        model.evaluate(row_ids(4), verbose=0)
+    with pytest.raises(ValueError, match="without targets"):
+        model.fit(row_ids(4), np.zeros((4, 1)), epochs=1, verbose=0, validation_data=(row_ids(2), None))
+    with pytest.raises(ValueError, match="without targets"):
+        model.train_on_batch(row_ids(4))
+    with pytest.raises(ValueError, match="without targets"):
+        model.fit(TensorDataset(torch.tensor(row_ids(4))), epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.predict(row_ids(4)), row_ids(4))  # predict needs none
+
+
 def test_module_must_be_a_torch_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         dfit.Model(lambda x: x)
