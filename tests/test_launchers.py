@@ -310,3 +310,22 @@ def test_failing_rank_ends_job_sbatch_template(slurm, tag, tmp_path):
     assert job["state"] == "FAILED", job
     assert "[dfit] rank 1 of 2 (slurm) failed" in job["output"] and "injected failure" in job["output"]
     assert not wait_no_process(tag, timeout=10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch/ scripts
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("script, env", [
+    ("workstation.sh", {"NPROC": "2"}),
+    ("mpirun.sh", {"NP": "2"}),
+], ids=["workstation", "mpirun"])
+def test_launch_scripts(script, env, tmp_path):
+    if script == "mpirun.sh":
+        _mpiexec()
+    out = tmp_path / "r.json"
+    res = run(["bash", REPO / "launch" / script, REPO / "tests" / "launch_tiny.py", "--out", out],
+              env=launch_env(**env), timeout=110)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _load(out)
+    assert got["world_size"] == 2 and got["sums"][:3] == [3.0, 5.0, 7.0]
