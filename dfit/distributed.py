@@ -254,12 +254,16 @@ def _failure_hook(info: LaunchInfo, previous):
                 text = "".join(lines)
                 out.write("".join(f"[rank{info.rank}]: {line}\n" for line in text.rstrip("\n").split("\n")))
                 out.flush()
-            if info.environment == "torchrun" and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+            if info.environment == "torchrun" and error_file and not os.path.exists(error_file):
                 # What torch's errors.record writes, so the launcher prints it as the root cause.
-                from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+                import json
 
-                if exc is not None and not os.path.exists(os.environ["TORCHELASTIC_ERROR_FILE"]):
-                    ErrorHandler().record_exception(exc)
+                data = {"message": {"message": f"{exc_type.__name__}: {exc}", "extraInfo": {
+                    "py_callstack": "".join(traceback.format_exception(exc_type, exc, tb)),
+                    "timestamp": str(int(time.time()))}}}
+                with open(error_file, "w") as fh:
+                    json.dump(data, fh)
         finally:
             if info.environment == "mpi" and not issubclass(exc_type, KeyboardInterrupt):
                 mpi = _mpi_module()
