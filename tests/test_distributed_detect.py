@@ -154,7 +154,8 @@ def test_failure_hook_names_rank_and_records_error_file(tmp_path):
     assert res.returncode == 1
     assert "[dfit] rank 1 of 4 (torchrun) failed with an unhandled KeyError" in res.stderr
     assert "KeyError: 'lost'" in err.read_text()
-    assert "raise KeyError('lost')" in err.read_text()  # the real traceback, not "NoneType: None"
+    stack = __import__("json").loads(err.read_text())["message"]["extraInfo"]["py_callstack"]
+    assert 'File "<string>", line 2' in stack  # the real traceback, not "NoneType: None"
 
 
 def test_resolve_nproc():
