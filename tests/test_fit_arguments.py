@@ -472,9 +472,6 @@ def test_on_train_end_gets_the_last_epoch_logs():
     assert got == [{k: v[-1] for k, v in history.history.items()}]
 
 
-@pytest.mark.xfail(strict=True, reason="batch logs are a LazyLogs view of the live tracker: a logs object kept by "
-                   "a callback and read later shows the end-of-epoch values, not that batch's (Keras gives each "
-                   "batch its own dict). Fixing it means snapshotting the state per step (engine/metrics design)")
 def test_batch_logs_kept_by_a_callback_keep_their_values():
     kept = []
     model = frozen_model(Recorder(w=0.5))

@@ -12,6 +12,10 @@ _BATCH_HOOKS = {
 class Callback:
     """Base class of callbacks: override the hooks you need. ``self.model`` and ``self.params`` are set by fit."""
 
+    # True for callbacks that read batch logs only inside the hook (if at all): they get them lazily,
+    # so a step costs no device synchronisation unless the logs are actually read.
+    reads_logs_at_once = False
+
     def __init__(self) -> None:
         self.model: Any = None
         self.params: dict[str, Any] = {}
@@ -90,8 +94,12 @@ class CallbackList:
             getattr(cb, _BATCH_HOOKS[mode][0])(batch, {})
 
     def batch_end(self, mode: str, batch: int, logs: Mapping) -> None:
-        for cb in self._batch_users[_BATCH_HOOKS[mode][1]]:
-            getattr(cb, _BATCH_HOOKS[mode][1])(batch, logs)
+        hook = _BATCH_HOOKS[mode][1]
+        users = self._batch_users[hook]
+        if isinstance(logs, LazyLogs) and any(not getattr(cb, "reads_logs_at_once", False) for cb in users):
+            logs = dict(logs)  # a callback may keep the logs: give it this batch's values, as Keras does
+        for cb in users:
+            getattr(cb, hook)(batch, logs)
 
     def call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:

@@ -42,6 +42,7 @@ class ProgbarLogger(Callback):
     """Prints progress like Keras. ``interactive=None`` means: redraw in place on a terminal."""
 
     WIDTH = 30
+    reads_logs_at_once = True
 
     def __init__(self, interval: float = 0.1, stream: TextIO | None = None, interactive: bool | None = None):
         super().__init__()
