@@ -53,7 +53,8 @@ def _default_start_method() -> str:
     return "spawn"
 
 
-def _check_start_method(method: str, model: Any) -> None:
+def _check_start_method(method: str, model: Any) -> bytes | None:
+    """Refuse what cannot work, with what to do instead; for spawn/forkserver, the pickled model."""
     import multiprocessing as mp
 
     if method not in mp.get_all_start_methods():
@@ -66,7 +67,7 @@ def _check_start_method(method: str, model: Any) -> None:
                 "it. Keep the model on the CPU before calling multi_gpu_model (each worker moves it to its own "
                 "GPU), or restart the kernel; or pass start_method='spawn' with a model class importable "
                 "from a .py module.")
-        return
+        return None
     main = sys.modules.get("__main__")
     main_file = getattr(main, "__file__", None)
     interactive = main is None or not main_file or not os.path.isfile(main_file)  # notebook, -c, stdin
@@ -79,7 +80,7 @@ def _check_start_method(method: str, model: Any) -> None:
             "session (__main__), which a new process cannot import. Use start_method='fork' (the default on "
             "Linux and macOS), or move the class definitions into a .py module and import them.")
     try:
-        pickle.dumps(model)
+        return pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
         raise RuntimeError(
             f"multi_gpu_model: start_method={method!r} must pickle the model, and that failed "
@@ -87,19 +88,63 @@ def _check_start_method(method: str, model: Any) -> None:
             "(no lambdas or local classes in the module, the loss or the metrics).") from exc
 
 
-def _share(obj: Any) -> Any:
-    """Numpy arrays and tensors inside ``obj`` moved to shared memory, so spawned workers map one copy."""
-    if isinstance(obj, np.ndarray) and obj.dtype.kind in "biuf" and obj.dtype != np.float16:
-        return torch.from_numpy(np.ascontiguousarray(obj)).share_memory_()
+_DATA_ARGS = ("x", "y", "sample_weight", "validation_data")
+
+
+def _float_dtype(model: Any) -> torch.dtype:
+    for p in model.module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def _prepare(obj: Any, dtype: torch.dtype, share: bool) -> Any:
+    """Arrays inside ``obj`` made ready for the workers, once, in the caller.
+
+    Floating arrays are cast to the model's dtype here (``fit`` would cast them anyway), so the workers do
+    not each make their own copy; with ``share`` (spawn/forkserver) arrays are moved to shared memory, one
+    copy mapped by every worker. Arrays already right are left untouched: forked workers read them in place.
+    """
+    if hasattr(obj, "to_numpy") and not isinstance(obj, (np.ndarray, torch.Tensor)):  # pandas
+        obj = obj.to_numpy()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind not in "biuf" or obj.dtype == np.float16:
+            return obj
+        needs_cast = obj.dtype.kind == "f" and torch.from_numpy(obj[:0]).dtype != dtype
+        if not (share or needs_cast or not obj.flags.c_contiguous):
+            return obj
+        t = torch.from_numpy(np.ascontiguousarray(obj))
+        return _prepare(t.to(dtype) if needs_cast else t, dtype, share)
     if isinstance(obj, torch.Tensor):
-        return obj.detach().share_memory_() if obj.device.type == "cpu" else obj
+        if obj.device.type != "cpu":
+            return obj
+        t = obj.detach()
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        t = t.contiguous()
+        return t.share_memory_() if share else t
     if isinstance(obj, tuple):
-        return tuple(_share(o) for o in obj)
+        return tuple(_prepare(o, dtype, share) for o in obj)
     if isinstance(obj, list):
-        return [_share(o) for o in obj]
+        return [_prepare(o, dtype, share) for o in obj]
     if isinstance(obj, dict):
-        return {k: _share(v) for k, v in obj.items()}
+        return {k: _prepare(v, dtype, share) for k, v in obj.items()}
     return obj
+
+
+def _prepare_call(model: Any, method: str, args: tuple, kwargs: dict, share: bool) -> tuple[tuple, dict]:
+    """The call's data arguments prepared by ``_prepare``; everything else as given."""
+    import inspect
+
+    try:
+        bound = inspect.signature(getattr(model, method)).bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs  # let the real call raise its own clear error, in the worker
+    dtype = _float_dtype(model)
+    for name in _DATA_ARGS:
+        if name in bound.arguments:
+            bound.arguments[name] = _prepare(bound.arguments[name], dtype, share)
+    return bound.args, bound.kwargs
 
 
 def _cpu(obj: Any) -> Any:
@@ -115,6 +160,10 @@ def _cpu(obj: Any) -> Any:
 def _worker(local_rank: int, world: int, port: int, model: Any, method: str, args: tuple, kwargs: dict,
             result_dir: str, cuda_ids: Sequence[int] | None) -> None:
     """One worker: join the group through the caller's store, run the method, rank 0 writes the result."""
+    if isinstance(model, bytes):
+        # spawn/forkserver: the model comes by value (torch's multiprocessing pickler would put its
+        # parameters in shared memory, and every worker would then train the same tensors).
+        model = pickle.loads(model)
     for name in _WORKER_ENV:
         os.environ.pop(name, None)
     os.environ.update({"DFIT_SPAWN": "1", "RANK": str(local_rank), "LOCAL_RANK": str(local_rank),
@@ -226,17 +275,17 @@ class ParallelModel:
         import torch.distributed as tdist
         import torch.multiprocessing as tmp
 
-        _check_start_method(self.start_method, self.model)
-        if self.start_method != "fork":
-            args, kwargs = _share(args), _share(kwargs)
+        model_blob = _check_start_method(self.start_method, self.model)
+        args, kwargs = _prepare_call(self.model, method, args, kwargs, share=self.start_method != "fork")
         timeout = dd._timeout(self.timeout) or datetime.timedelta(minutes=30)
         # The caller hosts the rendezvous store on a port the OS picks: no port race, no fixed port.
         store = tdist.TCPStore("127.0.0.1", 0, self.nprocs, is_master=True, timeout=timeout,
                                wait_for_workers=False)
         result_dir = tempfile.mkdtemp(prefix="dfit-spawn-")
         try:
+            model = self.model if model_blob is None else model_blob
             context = tmp.start_processes(
-                _worker, args=(self.nprocs, store.port, self.model, method, args, kwargs, result_dir,
+                _worker, args=(self.nprocs, store.port, model, method, args, kwargs, result_dir,
                                self.cuda_ids),
                 nprocs=self.nprocs, join=False, daemon=False, start_method=self.start_method)
             try:

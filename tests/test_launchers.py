@@ -170,6 +170,45 @@ def test_multi_gpu_model_matches_one_process():
     assert r["pred_diff"] < 1e-5 and r["pred_shape"] == [250, 1]
 
 
+SPAWN_SCRIPT = textwrap.dedent("""
+    import json, sys, numpy as np, torch, dfit
+    from torch import nn
+
+    class Net(nn.Module):                       # importable: this file is __main__ with a __file__
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    def make():
+        torch.manual_seed(1)
+        m = dfit.Model(Net())
+        m.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        return m
+
+    if __name__ == "__main__":
+        rng = np.random.default_rng(1)
+        x = rng.normal(size=(120, 6))            # float64: cast once in the caller, then shared memory
+        y = rng.integers(0, 3, size=120)
+        kw = dict(batch_size=16, epochs=2, validation_split=0.25, seed=3, verbose=0)
+        h1 = make().fit(x, y, **kw)
+        par = dfit.multi_gpu_model(make(), gpus=2, start_method="spawn")
+        h2 = par.fit(x, y, **kw)
+        json.dump({"h1": h1.history, "h2": h2.history}, sys.stdout)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_multi_gpu_model_spawn_start_method(tmp_path):
+    script = tmp_path / "spawn_train.py"
+    script.write_text(SPAWN_SCRIPT)
+    res = run([PY, script], timeout=110)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert_same_history(r["h2"], r["h1"])
+
+
 def test_multi_gpu_model_failing_worker_names_rank():
     import torch
 
