@@ -70,9 +70,12 @@ def _failure_report(err) -> str:
         message = failure.message
         if isinstance(message, dict):
             message = message.get("message", "")
+        who = f"dfit-launch: rank {global_rank} (local rank {failure.local_rank})"
+        if global_rank != first_rank and failure.exitcode < 0:
+            lines.append(f"{who} was ended by the launcher ({failure.signal_name()}) after the first failure")
+            continue
         tag = " (first failure)" if global_rank == first_rank else ""
-        lines.append(f"dfit-launch: rank {global_rank} (local rank {failure.local_rank}) failed with exit code "
-                     f"{failure.exitcode}{tag}: {message}")
+        lines.append(f"{who} failed with exit code {failure.exitcode}{tag}: {message}")
     lines.append("dfit-launch: every other rank was ended; the job failed")
     return "\n".join(lines)
 
@@ -101,6 +104,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+
+    if not args.module and not args.no_python and not os.path.isfile(args.training_script):
+        sys.stderr.write(f"dfit-launch: no such script: {args.training_script}\n")
+        return 2
 
     config, cmd, cmd_args = config_from_args(args)
     if not args.no_python and not args.run_path:
