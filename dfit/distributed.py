@@ -126,6 +126,23 @@ def slurm_port(job_id: str | int, step_id: str | int = 0) -> int:
     return 20000 + (int(job_id) * 31 + step) % 12768
 
 
+def _slurm_step(env: Any) -> LaunchInfo | None:
+    """The task's place in an srun job step, or None outside one (e.g. in the batch shell of sbatch)."""
+    step = env.get("SLURM_STEP_ID")
+    if step is None or not step.isdigit() or env.get("SLURM_PROCID") is None:
+        return None
+    world = _int_env(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    addr = env.get("MASTER_ADDR") or first_host(nodes)
+    port = _int_env(env, "MASTER_PORT", default=slurm_port(env.get("SLURM_JOB_ID", "0"), step))
+    local_size = world
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        local_size = _tasks_on_node(per_node, _int_env(env, "SLURM_NODEID", default=0))
+    return LaunchInfo("slurm", int(env["SLURM_PROCID"]), _int_env(env, "SLURM_LOCALID", default=0),
+                      world, local_size, addr, port)
+
+
 def detect(env: Any = None) -> LaunchInfo:
     """Work out the launch environment from the process environment, without any communication.
 
@@ -157,18 +174,9 @@ def detect(env: Any = None) -> LaunchInfo:
                               "MV2_COMM_WORLD_LOCAL_SIZE", default=mpi_size)
         return LaunchInfo("mpi", mpi_rank, local, mpi_size, local_size,
                           env.get("MASTER_ADDR"), _int_env(env, "MASTER_PORT"))
-    step = env.get("SLURM_STEP_ID")
-    if step is not None and step.isdigit() and env.get("SLURM_PROCID") is not None:
-        world = _int_env(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", default=1)
-        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-        addr = env.get("MASTER_ADDR") or first_host(nodes)
-        port = _int_env(env, "MASTER_PORT", default=slurm_port(env.get("SLURM_JOB_ID", "0"), step))
-        local_size = world
-        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
-        if per_node:
-            local_size = _tasks_on_node(per_node, _int_env(env, "SLURM_NODEID", default=0))
-        return LaunchInfo("slurm", int(env["SLURM_PROCID"]), _int_env(env, "SLURM_LOCALID", default=0),
-                          world, local_size, addr, port)
+    slurm = _slurm_step(env)
+    if slurm is not None:
+        return slurm
     return LaunchInfo("local")
 
 
@@ -306,6 +314,10 @@ def _mpi_rendezvous(info: LaunchInfo, timeout: datetime.timedelta) -> tuple[Laun
         return info, None
     MPI = _mpi_module()
     if MPI is None:
+        slurm = _slurm_step(os.environ)  # srun --mpi=pmi2/pmix: Slurm's variables say the same, no mpi4py needed
+        if slurm is not None and (slurm.rank, slurm.world_size) == (info.rank, info.world_size):
+            return LaunchInfo(info.environment, info.rank, info.local_rank, info.world_size,
+                              info.local_world_size, slurm.master_addr, slurm.master_port), None
         raise RuntimeError(
             f"rank {info.rank}: started by MPI but mpi4py is not installed; pip install 'dfit[mpi]' "
             "(or set MASTER_ADDR and MASTER_PORT)"

@@ -167,3 +167,19 @@ def test_resolve_nproc():
     assert resolve_nproc("3") == 3
     with pytest.raises(ValueError):
         resolve_nproc("0")
+
+
+def test_srun_with_pmi2_is_mpi_and_needs_no_mpi4py(monkeypatch):
+    """`srun --mpi=pmi2` sets PMI_RANK/PMI_SIZE as well: MPI, but Slurm's variables give the address when
+    mpi4py is not installed."""
+    env = {**SRUN_STEP, "PMI_RANK": "3", "PMI_SIZE": "4", "PMI_FD": "11", "PMI_JOBID": "4242.0"}
+    info = detect(env)
+    assert (info.environment, info.rank, info.world_size) == ("mpi", 3, 4)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dd, "_mpi_module", lambda: None)
+    got, store = dd._mpi_rendezvous(info, __import__("datetime").timedelta(seconds=5))
+    assert store is None and (got.master_addr, got.master_port) == ("gpu07", slurm_port("4242", "0"))
+    monkeypatch.setenv("SLURM_PROCID", "0")  # Slurm disagrees (mpiexec's proxies): no silent guess
+    with pytest.raises(RuntimeError, match="mpi4py is not installed"):
+        dd._mpi_rendezvous(info, __import__("datetime").timedelta(seconds=5))
