@@ -375,3 +375,54 @@ def test_launch_scripts(script, env, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     got = _load(out)
     assert got["world_size"] == 2 and got["sums"][:3] == [3.0, 5.0, 7.0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# multi_gpu_model in a real Jupyter kernel, the model class defined in a notebook cell
+
+NOTEBOOK_CELLS = [
+    textwrap.dedent("""
+        import numpy as np, torch, dfit
+        from torch import nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__(); self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 1)
+            def forward(self, x): return self.b(torch.tanh(self.a(x)))
+        def make():
+            torch.manual_seed(0); m = dfit.Model(Net()); m.compile(optimizer="adam", loss="mse"); return m
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(256, 8)).astype("float32"); y = (x @ rng.normal(size=(8, 1))).astype("float32")
+        h1 = make().fit(x, y, batch_size=32, epochs=3, validation_split=0.2, seed=0, verbose=0)
+    """),
+    textwrap.dedent("""
+        m2 = make()
+        h2 = dfit.multi_gpu_model(m2, gpus=2).fit(x, y, batch_size=32, epochs=3, validation_split=0.2, seed=0,
+                                                  verbose=0)
+        print("RESULT", max(abs(a - b) for a, b in zip(h1.history["val_loss"], h2.history["val_loss"])),
+              dfit.distributed.environment())
+    """),
+    textwrap.dedent("""
+        try:
+            dfit.multi_gpu_model(make(), gpus=2, start_method="spawn").fit(x, y, verbose=0)
+        except RuntimeError as e:
+            print("SPAWN-ERROR", e)
+    """),
+]
+
+
+@pytest.mark.timeout(150)
+def test_multi_gpu_model_in_a_jupyter_notebook(monkeypatch):
+    nbformat = pytest.importorskip("nbformat", reason="needs nbformat, nbclient and ipykernel")
+    nbclient = pytest.importorskip("nbclient", reason="needs nbformat, nbclient and ipykernel")
+    pytest.importorskip("ipykernel", reason="needs nbformat, nbclient and ipykernel")
+    for key, value in launch_env().items():
+        monkeypatch.setenv(key, value)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in NOTEBOOK_CELLS])
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+                            ).execute()
+    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    result = [line for line in text.splitlines() if line.startswith("RESULT")]
+    assert result, text
+    diff, env = result[0].split()[1:]
+    assert float(diff) < 1e-5 and env == "local"  # the notebook's own process stays a single process
+    assert "SPAWN-ERROR" in text and "Net" in text and "start_method='fork'" in text
