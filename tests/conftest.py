@@ -124,7 +124,7 @@ def slurm():
     with open(base / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            conf = slurm_cluster.start(base / "cluster")
+            conf = slurm_cluster.start(base / "cluster")  # (re)creates base if the other worker removed it
             count = int(users.read_text()) if users.exists() else 0
             users.write_text(str(count + 1))
         finally:
@@ -137,6 +137,6 @@ def slurm():
             users.write_text(str(count))
             if count <= 0:
                 slurm_cluster.stop(base / "cluster")
-                shutil.rmtree(base / "cluster", ignore_errors=True)
+                shutil.rmtree(base, ignore_errors=True)  # a worker still arriving recreates it
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
