@@ -84,14 +84,15 @@ def run(argv: Sequence[str] | None = None) -> int:
     """Launch the job described by ``argv`` (dfit-launch's command line); returns the exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import config_from_args, parse_min_max_nnodes
 
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     nproc = resolve_nproc(args.nproc_per_node)
     args.nproc_per_node = str(nproc)
 
     # Rendezvous: one node with nothing given -> a private c10d store on a free port (torchrun --standalone).
-    if args.standalone or (args.nnodes in ("1", "1:1") and args.rdzv_backend == "static"
+    if args.standalone or (parse_min_max_nnodes(args.nnodes)[1] == 1 and args.rdzv_backend == "static"
                            and not args.rdzv_endpoint and args.master_port is None):
         import uuid
 
@@ -103,7 +104,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     # A fresh store per restart round (see CLUSTER-NOTES trap 1); dfit also prefixes keys per attempt.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     if "OMP_NUM_THREADS" not in os.environ and nproc > 1:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
 
     if not args.module and not args.no_python and not os.path.isfile(args.training_script):
         sys.stderr.write(f"dfit-launch: no such script: {args.training_script}\n")
@@ -121,6 +123,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         sys.stderr.flush()
         code = err.get_first_failure()[1].exitcode
         return code if 0 < code < 256 else 1
+    except SignalException as exc:  # the launcher itself was told to stop (scancel, Ctrl-C, kill)
+        sys.stderr.write(f"dfit-launch: received {exc.sigval.name}; every rank was ended\n")
+        return 128 + int(exc.sigval)
     return 0
 
 
