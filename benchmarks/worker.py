@@ -8,6 +8,8 @@ prefixed with ``@@BENCH``. Everything the libraries print goes to stderr (fd 1 i
 
 Every runner times an epoch the same way: (barrier) t0 ... all steps of the epoch ... (barrier) t1.
 With 2 processes the barriers make rank 0's clock cover the slower rank too; with 1 there are none.
+Both the wall clock and rank 0's CPU time (time.process_time: all its threads) are recorded; on a
+machine shared with other work the CPU time of a single process is far less disturbed than the wall.
 """
 from __future__ import annotations
 
@@ -59,15 +61,20 @@ class _EpochTimer:
     def __init__(self, world: int):
         self.world = world
         self.times: list[float] = []
-        self._t0 = 0.0
+        self.cpu: list[float] = []
+        self._t0 = self._c0 = 0.0
 
     def begin(self):
         _barrier(self.world)
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def end(self):
         _barrier(self.world)
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu.append(time.process_time() - self._c0)
+
+    def result(self, **extra) -> dict:
+        return {"epoch_times": self.times, "cpu_times": self.cpu, **extra}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,14 +122,12 @@ class HandRunner(Runner):
             opt.step()
 
     def run(self, model, shuffle, epochs, n):
-        times = []
+        timer = _EpochTimer(self.world)
         for _ in range(epochs):
-            _barrier(self.world)
-            t0 = time.perf_counter()
+            timer.begin()
             self.epoch(model, shuffle, n)
-            _barrier(self.world)
-            times.append(time.perf_counter() - t0)
-        return {"epoch_times": times}
+            timer.end()
+        return timer.result()
 
 
 class HandDataLoaderRunner(HandRunner):
@@ -192,8 +197,7 @@ class DfitRunner(Runner):
         t0 = time.perf_counter()
         m.fit(x, y, batch_size=common.MODELS[model][1], epochs=epochs, shuffle=shuffle, verbose=0,
               callbacks=[Timer()], seed=0)
-        call = time.perf_counter() - t0
-        return {"epoch_times": timer.times, "call_time": call}
+        return timer.result(call_time=time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +256,7 @@ class LightningRunner(Runner):
                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Timer()])
         t0 = time.perf_counter()
         trainer.fit(lm, loader)
-        return {"epoch_times": timer.times, "call_time": time.perf_counter() - t0}
+        return timer.result(call_time=time.perf_counter() - t0)
 
 
 class AccelerateRunner(Runner):
@@ -278,18 +282,16 @@ class AccelerateRunner(Runner):
 
     def run(self, model, shuffle, epochs, n):
         net, opt, loader, crit = self._setup(model, shuffle, n)
-        times = []
+        timer = _EpochTimer(self.world)
         for _ in range(epochs):
-            _barrier(self.world)
-            t0 = time.perf_counter()
+            timer.begin()
             for xb, yb in loader:
                 opt.zero_grad(set_to_none=True)
                 loss = crit(net(xb), yb)
                 self.acc.backward(loss)
                 opt.step()
-            _barrier(self.world)
-            times.append(time.perf_counter() - t0)
-        return {"epoch_times": times}
+            timer.end()
+        return timer.result()
 
 
 class KerasRunner(Runner):
@@ -338,7 +340,7 @@ class KerasRunner(Runner):
         t0 = time.perf_counter()
         km.fit(x.numpy(), y.numpy(), batch_size=common.MODELS[model][1], epochs=epochs, shuffle=shuffle,
                verbose=0, callbacks=[Timer()])
-        return {"epoch_times": timer.times, "call_time": time.perf_counter() - t0}
+        return timer.result(call_time=time.perf_counter() - t0)
 
 
 RUNNERS = {
