@@ -2,6 +2,7 @@
 (see shared/CLUSTER-NOTES.md), plus the Slurm helpers and the failure hooks."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -126,13 +127,15 @@ def test_slurm_port_range_and_steps():
     assert slurm_port("123") == slurm_port(123, 0)
 
 
-def test_environment_names_in_a_real_process():
-    """environment(), rank(), world_size() in a fresh interpreter under each set of variables."""
-    code = "import dfit.distributed as d; print(d.environment(), d.rank(), d.world_size(), d.local_rank())"
-    for env, want in ((SBATCH_SHELL, "local 0 1 0"), (SRUN_STEP, "slurm 3 4 1"), (TORCHRUN, "torchrun 3 4 1")):
-        out = subprocess.run([sys.executable, "-c", code], env=launch_env(**env), cwd=REPO, capture_output=True,
-                             text=True, timeout=60)
-        assert out.stdout.strip() == want, out.stderr
+@pytest.mark.parametrize("env, want", [(SBATCH_SHELL, ("local", 0, 1, 0)), (SRUN_STEP, ("slurm", 3, 4, 1)),
+                                       (TORCHRUN, ("torchrun", 3, 4, 1)), (MPICH_HYDRA, ("mpi", 1, 2, 1))],
+                         ids=["sbatch-shell", "srun", "torchrun", "mpich"])
+def test_public_helpers_read_the_process_environment(env, want, monkeypatch):
+    """environment(), rank(), world_size(), local_rank() before init: read from os.environ."""
+    monkeypatch.setattr(os, "environ", dict(launch_env(**env)))
+    monkeypatch.setitem(dd._state, "info", None)
+    assert (dd.environment(), dd.rank(), dd.world_size(), dd.local_rank()) == want
+    assert dd.is_chief() == (want[1] == 0)
 
 
 def test_backend_and_timeout_overrides(monkeypatch):
