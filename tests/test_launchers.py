@@ -337,6 +337,21 @@ def test_slurm_batch_shell_is_one_process(slurm, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_srun_with_mpi_pmi2(slurm, tmp_path):
+    """`srun --mpi=pmi2` gives the MPICH wheel a real MPI world: detected as MPI, and it trains."""
+    _mpiexec()
+    out = tmp_path / "r.json"
+    res = run(["srun", "--kill-on-bad-exit=1", "--mpi=pmi2", "-n", "2", "--cpus-per-task=1", PY,
+               REPO / "tests" / "launch_tiny.py", "--out", out], env=slurm.env(), timeout=110)
+    if res.returncode != 0 and "pmi2" in res.stderr and "plugin" in res.stderr.lower():
+        pytest.skip(f"this Slurm has no usable mpi/pmi2 plugin: {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _load(out)
+    assert (got["environment"], got["world_size"]) == ("mpi", 2)
+    assert got["sums"][:3] == [3.0, 5.0, 7.0]
+
+
+@pytest.mark.timeout(120)
 def test_failing_rank_ends_job_srun(slurm, tag, tmp_path):
     stamp = tmp_path / "stamp"
     res = run(["srun", "--kill-on-bad-exit=1", "-n", "2", "--cpus-per-task=1", PY, TRAIN, "--fail-rank", "1",
