@@ -61,6 +61,7 @@ class Engine:
         model.module.to(self.device)
         self._ddp: torch.nn.Module | None = None
         self._compiled: torch.nn.Module | None = None
+        self._seeds: dict[tuple[float, torch.dtype], torch.Tensor] = {}
         dtype = PRECISIONS[model.precision]
         self.autocast_dtype = dtype
         self.scaler = torch.amp.GradScaler(self.device.type) if dtype is torch.float16 else None
@@ -116,6 +117,16 @@ class Engine:
         if pending is not None:
             yield pending
 
+    def _seed(self, loss) -> torch.Tensor:
+        """``scale`` as the gradient that starts backward (cached: a step's scale is almost always the same)."""
+        key = (loss.scale, loss.value.dtype)
+        seed = self._seeds.get(key)
+        if seed is None:
+            if len(self._seeds) > 64:
+                self._seeds.clear()
+            seed = self._seeds[key] = torch.tensor(loss.scale, dtype=loss.value.dtype, device=self.device)
+        return seed
+
     # -- the loops -------------------------------------------------------------------------------------
     def _forward(self, module: torch.nn.Module, batch: Batch, output_names: list[str]):
         """Forward pass and this rank's loss of the global batch (under autocast if asked)."""
@@ -143,7 +154,7 @@ class Engine:
                     y_pred, y_true, loss = self._forward(module, batch, output_names)
             optimizer.zero_grad(set_to_none=True)
             if self.scaler is None:
-                loss.objective.backward()
+                loss.value.backward(self._seed(loss))  # the gradient of value * scale, without a multiply
                 optimizer.step()
             else:
                 self.scaler.scale(loss.objective).backward()

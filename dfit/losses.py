@@ -303,7 +303,7 @@ class CompiledLoss:
                  sample_weight: torch.Tensor | None, size: int, global_size: int, world: int) -> "LocalLoss":
         """This rank's loss of one global batch.
 
-        ``objective`` is what to backpropagate: the rank's summed (weighted) sample losses times
+        What to backpropagate is ``value * scale``: the rank's summed (weighted) sample losses times
         ``world / global_size``, so that DDP's gradient average is the gradient of
         ``sum over the global batch / global_size``. ``parts`` are (value, factor) pairs whose products are
         the rank's summed losses for the logs: the total first, then each output's when there are several.
@@ -313,9 +313,9 @@ class CompiledLoss:
         if len(parts) == 1:
             value, factor = parts[0]
             factor *= self.weights[0]
-            return LocalLoss(value * (factor * scale), [(value, factor)])
+            return LocalLoss(value, factor * scale, [(value, factor)])
         total = sum(value * (w * factor) for (value, factor), w in zip(parts, self.weights))
-        return LocalLoss(total * scale, [(total, 1.0)] + parts)
+        return LocalLoss(total, scale, [(total, 1.0)] + parts)
 
     def _summed(self, i: int, y_pred: torch.Tensor, y_true: torch.Tensor, sample_weight: torch.Tensor | None,
                 size: int) -> tuple[torch.Tensor, float]:
@@ -345,5 +345,10 @@ class CompiledLoss:
 
 
 class LocalLoss(NamedTuple):
-    objective: torch.Tensor
+    value: torch.Tensor   # backpropagate value * scale (the scale can seed backward instead of a multiply)
+    scale: float
     parts: list[tuple[torch.Tensor, float]]
+
+    @property
+    def objective(self) -> torch.Tensor:
+        return self.value * self.scale
