@@ -136,8 +136,10 @@ class Model:
         return torch.get_default_dtype()
 
     def _get_engine(self) -> Engine:
+        """The engine for the current job (rebuilt if the model moved to another job, e.g. into a worker)."""
         dist.init()
-        if self._engine is None:
+        engine = self._engine
+        if engine is None or engine.world != dist.world_size() or engine.device != dist.device():
             self._engine = Engine(self)
         return self._engine
 
@@ -432,6 +434,8 @@ def _view_metrics_callback(view_metrics: Any, epochs: int, verbose: int) -> Call
         return PlotMetrics(path=view_metrics)
     from .plotting import PlotMetrics, in_notebook
 
+    if dist.environment() == "spawn":  # a worker of multi_gpu_model has no notebook to draw in
+        return None
     if view_metrics is True or (view_metrics == "auto" and epochs > 1 and verbose > 0 and in_notebook()):
         return PlotMetrics(path=None)
     return None

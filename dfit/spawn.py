@@ -91,13 +91,6 @@ def _check_start_method(method: str, model: Any) -> bytes | None:
 _DATA_ARGS = ("x", "y", "sample_weight", "validation_data")
 
 
-def _float_dtype(model: Any) -> torch.dtype:
-    for p in model.module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
-
-
 def _prepare(obj: Any, dtype: torch.dtype, share: bool) -> Any:
     """Arrays inside ``obj`` made ready for the workers, once, in the caller.
 
@@ -140,7 +133,7 @@ def _prepare_call(model: Any, method: str, args: tuple, kwargs: dict, share: boo
         bound = inspect.signature(getattr(model, method)).bind(*args, **kwargs)
     except TypeError:
         return args, kwargs  # let the real call raise its own clear error, in the worker
-    dtype = _float_dtype(model)
+    dtype = model._float_dtype()
     for name in _DATA_ARGS:
         if name in bound.arguments:
             bound.arguments[name] = _prepare(bound.arguments[name], dtype, share)
@@ -175,8 +168,6 @@ def _worker(local_rank: int, world: int, port: int, model: Any, method: str, arg
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     # A forked worker inherits the caller's single-process state: forget it and join the group afresh.
     dd.shutdown()
-    if hasattr(model, "_engine"):
-        model._engine = None  # the caller's engine was built for one process (no DDP)
     dd.init()
     result = getattr(model, method)(*args, **kwargs)
     if dd.is_chief():
