@@ -435,22 +435,23 @@ def _comm_tensor(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return t, False
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over all ranks (a new tensor on t's device; identity on one process)."""
+def _all_reduce(t: torch.Tensor, op: "dist.ReduceOp") -> torch.Tensor:
+    """``op`` over all ranks into a new tensor on t's device (identity on one process)."""
     if not _active():
         return t
     work, moved = _comm_tensor(t.clone())
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    dist.all_reduce(work, op=op)
     return work.to(t.device) if moved else work
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over all ranks."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    """Element-wise maximum of ``t`` over all ranks (identity on one process)."""
-    if not _active():
-        return t
-    work, moved = _comm_tensor(t.clone())
-    dist.all_reduce(work, op=dist.ReduceOp.MAX)
-    return work.to(t.device) if moved else work
+    """Element-wise maximum of ``t`` over all ranks."""
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
