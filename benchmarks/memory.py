@@ -42,8 +42,10 @@ except Exception:  # noqa: BLE001 - reported when a case runs
 
 
 class MemorySnapshot(_Callback):
-    """Runs inside each worker: at the end of training (every row has been read) write this worker's
-    memory, and rank 0 also the caller's, to ``outdir/rank<R>.json``."""
+    """Runs inside each worker at the end of training (every row has been read): the workers agree on a
+    moment (all-gather of their pids, then a barrier after), and rank 0 reads every worker's and the
+    caller's memory at that one moment into ``outdir/snapshot.json``. (PSS splits shared pages among the
+    processes mapping them right now, so the figures must be read together to add up.)"""
 
     def __init__(self, outdir: str):
         super().__init__()
@@ -52,12 +54,12 @@ class MemorySnapshot(_Callback):
     def on_train_end(self, logs=None):
         import dfit
 
-        rank = dfit.distributed.rank()
-        snap = {"pid": os.getpid(), "self": common.memory_of(os.getpid())}
-        if rank == 0:
-            snap["caller"] = common.memory_of(os.getppid())
-        with open(os.path.join(self.outdir, f"rank{rank}.json"), "w") as fh:
-            json.dump(snap, fh)
+        pids = dfit.distributed.all_gather_objects(os.getpid())
+        if dfit.distributed.rank() == 0:
+            snap = {"workers": [common.memory_of(pid) for pid in pids], "caller": common.memory_of(os.getppid())}
+            with open(os.path.join(self.outdir, "snapshot.json"), "w") as fh:
+                json.dump(snap, fh)
+        dfit.distributed.barrier()
 
 
 def run_case(method: str, kind: str, rows: int, epochs: int) -> dict:
@@ -114,7 +116,8 @@ def run_case(method: str, kind: str, rows: int, epochs: int) -> dict:
     seconds = time.perf_counter() - t0
     stop.set()
     thread.join()
-    snaps = [json.loads(f.read_text()) for f in sorted(Path(snapdir).glob("rank*.json"))]
+    snap_file = Path(snapdir) / "snapshot.json"
+    snap = json.loads(snap_file.read_text()) if snap_file.exists() else {"workers": [], "caller": {}}
     shutil.rmtree(snapdir, ignore_errors=True)
     workers = {pid: p for pid, p in peaks.items()
                if pid != me and "resource_tracker" not in p["cmd"] and "semaphore_tracker" not in p["cmd"]}
@@ -123,7 +126,7 @@ def run_case(method: str, kind: str, rows: int, epochs: int) -> dict:
         "method": method, "input": kind, "rows": rows, "data_bytes": data_bytes, "fit_s": seconds,
         "loss": history.history["loss"][-1], "caller_before": before, "caller_peak": peaks.get(me, {}),
         "workers": sorted(workers.values(), key=lambda p: -p["uss"]), "others": list(others.values()),
-        "n_workers_seen": len(workers), "start_method": pm.start_method, "snapshots": snaps,
+        "n_workers_seen": len(workers), "start_method": pm.start_method, "snapshot": snap,
         "peak_pss_total": totals["pss"], "peak_uss_workers": totals["uss_workers"],
     }
 
@@ -173,12 +176,12 @@ def main(argv=None) -> int:
                 continue
             tiny, big = out["tiny"], out["big"]
             ds = big["data_bytes"]
-            if len(big["snapshots"]) < 2 or len(tiny["snapshots"]) < 2:
-                notes.append(f"{method}/{kind}: workers wrote {len(big['snapshots'])} snapshots, expected 2")
+            if len(big["snapshot"]["workers"]) < 2 or len(tiny["snapshot"]["workers"]) < 2:
+                notes.append(f"{method}/{kind}: no snapshot of 2 workers")
                 continue
-            w_uss = lambda o: [sn["self"]["uss"] for sn in o["snapshots"]]  # noqa: E731
-            total_pss = lambda o: (sum(sn["self"]["pss"] for sn in o["snapshots"])  # noqa: E731
-                                   + o["snapshots"][0]["caller"]["pss"])
+            w_uss = lambda o: [w["uss"] for w in o["snapshot"]["workers"]]  # noqa: E731
+            total_pss = lambda o: (sum(w["pss"] for w in o["snapshot"]["workers"])  # noqa: E731
+                                   + o["snapshot"]["caller"]["pss"])
             in_workers = sum(w_uss(big)) - sum(w_uss(tiny))
             growth = (total_pss(big) - total_pss(tiny)) / ds
             peak_growth = (big["peak_pss_total"] - tiny["peak_pss_total"]) / ds
@@ -196,7 +199,7 @@ def main(argv=None) -> int:
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']}; torch {info['torch']}; dfit commit "
         f"{info['commit']}. dfit.multi_gpu_model(model, gpus=2).fit(x, y, batch_size=8192, epochs="
         f"{args.epochs}, shuffle=True) on X ({big_rows}, {FEATURES}) float32 + int64 labels; peaks sampled "
-        f"every 50 ms from /proc/PID/smaps_rollup, and read by a callback in each worker at on_train_end. "
+        f"every 50 ms from /proc/PID/smaps_rollup, and read at one moment by a callback at on_train_end (rank 0 reads both workers and the caller). "
         f"'data in workers' = sum of the workers' USS at the end minus the same for a 2 MB dataset (target "
         f"<= 10% of the dataset: the data is shared, not copied per worker); PSS growth: caller + workers "
         f"together, 2 GB run minus 2 MB run, over the dataset size (target <= 1.10: one copy). 'peak': the "

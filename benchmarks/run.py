@@ -267,8 +267,9 @@ def targets(ratios, imports, baselines, cpu_ratios=None) -> list[str]:
             continue
         check(f"SMALL 1 proc, {peer} time / dfit time", r / d1 if r == r else nan, limit, less=False)
     if "torch" in imports and "dfit" in imports:
-        delta = common.median(imports["dfit"]) - common.median(imports["torch"])
-        check("import dfit - import torch (s)", delta, 0.3)
+        # The fastest of the repeats: the intrinsic cost (a loaded machine only ever adds to it).
+        delta = min(imports["dfit"]) - min(imports["torch"])
+        check("import dfit - import torch (s, fastest of the repeats each)", delta, 0.3)
     return out
 
 
@@ -399,7 +400,8 @@ def main(argv=None) -> int:
                          f"{max(vals):.3f} | {len(vals)} |")
     if "torch" in imports and "dfit" in imports:
         imp_lines.append(f"| import dfit - import torch | "
-                         f"{common.median(imports['dfit']) - common.median(imports['torch']):+.3f} | | | |")
+                         f"{common.median(imports['dfit']) - common.median(imports['torch']):+.3f} | "
+                         f"{min(imports['dfit']) - min(imports['torch']):+.3f} | | |")
     tgt = targets(ratios, imports, baselines, cpu_ratios)
     versions = []
     for name in PEERS:
