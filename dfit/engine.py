@@ -17,6 +17,7 @@ from . import distributed as dist
 from .callbacks.base import CallbackList, LazyLogs
 from .data import Batch
 from .data.structure import concat_rows, map_structure
+from .losses import CompiledLoss
 from .metrics import MetricSet
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ def call_module(module: torch.nn.Module, x: Any) -> Any:
 
 def as_outputs(structure: Any, names: list[str], what: str) -> list[torch.Tensor]:
     """Predictions or targets as a list in output order."""
+    if isinstance(structure, torch.Tensor) and len(names) == 1:  # the common case first
+        return [structure]
     if isinstance(structure, dict):
         missing = [n for n in names if n not in structure]
         if missing:
@@ -128,18 +131,18 @@ class Engine:
         return seed
 
     # -- the loops -------------------------------------------------------------------------------------
-    def _forward(self, module: torch.nn.Module, batch: Batch, output_names: list[str]):
-        """Forward pass and this rank's loss of the global batch (under autocast if asked)."""
+    def _forward(self, module: torch.nn.Module, batch: Batch, output_names: list[str], loss_fn: CompiledLoss):
+        """Forward pass and this rank's loss of the global batch."""
         y_pred = as_outputs(call_module(module, batch.x), output_names, "the model output")
         y_true = as_outputs(batch.y, output_names, "y")
-        loss = self.model.compiled_loss(output_names)(y_pred, y_true, batch.sample_weight, batch.size,
-                                                      batch.global_size, self.world)
+        loss = loss_fn(y_pred, y_true, batch.sample_weight, batch.size, batch.global_size, self.world)
         return y_pred, y_true, loss
 
     def train_epoch(self, batches: Iterator[Batch], tracker: MetricSet, callbacks: CallbackList,
                     output_names: list[str]) -> dict[str, float]:
         """One epoch of training steps; returns the exact epoch logs (identical on every rank)."""
         module, optimizer = self.train_module, self.model.optimizer
+        loss_fn = self.model.compiled_loss(output_names)
         wants_batches = callbacks.wants_batches("train")
         has_metrics = bool(tracker.metrics)
         self.model.module.train()
@@ -148,10 +151,10 @@ class Engine:
             if wants_batches:
                 callbacks.batch_begin("train", step)
             if self.autocast_dtype is None:
-                y_pred, y_true, loss = self._forward(module, batch, output_names)
+                y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
             else:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    y_pred, y_true, loss = self._forward(module, batch, output_names)
+                    y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
             optimizer.zero_grad(set_to_none=True)
             if self.scaler is None:
                 loss.value.backward(self._seed(loss))  # the gradient of value * scale, without a multiply
@@ -171,7 +174,7 @@ class Engine:
     def test_epoch(self, batches: Iterator[Batch], tracker: MetricSet, callbacks: CallbackList,
                    output_names: list[str]) -> dict[str, float]:
         """Loss and metrics over all batches of all ranks (no gradients, no DDP)."""
-        module = self.eval_module
+        module, loss_fn = self.eval_module, self.model.compiled_loss(output_names)
         wants_batches = callbacks.wants_batches("test")
         was_training = self.model.module.training
         self.model.module.eval()
@@ -181,7 +184,7 @@ class Engine:
                 if wants_batches:
                     callbacks.batch_begin("test", step)
                 with self.autocast():
-                    y_pred, y_true, loss = self._forward(module, batch, output_names)
+                    y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
                 tracker.update_loss(loss.parts, batch.size)
                 tracker.update_metrics(y_pred, y_true, batch.sample_weight)
                 if wants_batches:

@@ -222,13 +222,14 @@ class _TorchLossModule:
         if hasattr(self.module, "reduction"):
             self.module.reduction = "none"
         self.summing = None
+        self.by_class = isinstance(module, _CLASS_LOSSES)
         if isinstance(module, _ELEMENTWISE + _CLASS_LOSSES):
             self.summing = copy.copy(module)
             self.summing.reduction = "sum"
         self.__name__ = type(module).__name__
 
     def _prepare(self, y_pred, y_true):
-        if isinstance(self.module, _CLASS_LOSSES):
+        if self.by_class:
             if y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1 and not y_true.is_floating_point():
                 y_true = y_true.squeeze(-1)
             if y_pred.dim() > 2 and not y_true.is_floating_point():  # (b, T, C): torch wants classes on dim 1
@@ -243,7 +244,7 @@ class _TorchLossModule:
     def summed(self, y_pred, y_true) -> tuple[torch.Tensor, int]:
         """(sum of all per-element losses, elements per sample); per-sample loss sum = first / second."""
         y_pred, y_true = self._prepare(y_pred, y_true)
-        per_sample = y_pred.shape[2:] if isinstance(self.module, _CLASS_LOSSES) else y_pred.shape[1:]
+        per_sample = y_pred.shape[2:] if self.by_class else y_pred.shape[1:]
         return self.summing(y_pred, y_true), math.prod(per_sample)
 
 
@@ -298,6 +299,7 @@ class CompiledLoss:
         weights = _per_output(loss_weights, self.output_names, "loss_weights", 1.0) if loss_weights is not None \
             else [1.0] * len(self.output_names)
         self.weights = [float(w) for w in weights]
+        self.fused = [getattr(fn, "summing", None) is not None for fn in self.fns]
 
     def __call__(self, y_preds: list[torch.Tensor], y_trues: list[torch.Tensor],
                  sample_weight: torch.Tensor | None, size: int, global_size: int, world: int) -> "LocalLoss":
@@ -309,11 +311,11 @@ class CompiledLoss:
         the rank's summed losses for the logs: the total first, then each output's when there are several.
         """
         scale = world / global_size
-        parts = [self._summed(i, y_preds[i], y_trues[i], sample_weight, size) for i in range(len(self.fns))]
-        if len(parts) == 1:
-            value, factor = parts[0]
+        if len(self.fns) == 1:
+            value, factor = self._summed(0, y_preds[0], y_trues[0], sample_weight, size)
             factor *= self.weights[0]
             return LocalLoss(value, factor * scale, [(value, factor)])
+        parts = [self._summed(i, y_preds[i], y_trues[i], sample_weight, size) for i in range(len(self.fns))]
         total = sum(value * (w * factor) for (value, factor), w in zip(parts, self.weights))
         return LocalLoss(total, scale, [(total, 1.0)] + parts)
 
@@ -321,7 +323,7 @@ class CompiledLoss:
                 size: int) -> tuple[torch.Tensor, float]:
         """(value, factor): value * factor is the sum over this rank's samples of the per-sample loss."""
         fn = self.fns[i]
-        if sample_weight is None and getattr(fn, "summing", None) is not None:
+        if sample_weight is None and self.fused[i]:
             value, per_sample = fn.summed(y_pred, y_true)
             return value, 1.0 / per_sample
         values = fn(y_pred, y_true)
