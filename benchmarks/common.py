@@ -211,3 +211,15 @@ def quartiles(values):
 
 def python_for_workers() -> str:
     return sys.executable
+
+
+def publish(report: str, results: str | Path, append: bool) -> None:
+    """Print a report and, unless told not to, append it to the results file."""
+    print(report)
+    if append:
+        path = Path(results)
+        if not path.exists():
+            path.write_text("# Benchmark results\n\nAppended by the scripts in benchmarks/; newest last.\n\n")
+        with path.open("a") as f:
+            f.write(report + "\n")
+        print(f"appended to {results}")

@@ -109,11 +109,7 @@ def main(argv=None) -> int:
         *lines,
         "",
     ])
-    print(report)
-    if not args.no_append:
-        with Path(args.results).open("a") as f:
-            f.write(report + "\n")
-        print(f"appended to {args.results}")
+    common.publish(report, args.results, append=not args.no_append)
     return 0
 
 

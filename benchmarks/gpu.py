@@ -266,11 +266,7 @@ def main(argv=None) -> int:
         f"Wall time: {time.perf_counter() - t0:.0f} s.",
         "",
     ])
-    print(report)
-    if not args.no_append and not smoke:
-        with Path(args.results).open("a") as f:
-            f.write(report + "\n")
-        print(f"appended to {args.results}")
+    common.publish(report, args.results, append=not args.no_append and not smoke)
     return 0
 
 

@@ -209,11 +209,7 @@ def main(argv=None) -> int:
         *(["", "Notes:", *[f"- {x}" for x in notes]] if notes else []),
         "",
     ])
-    print(report)
-    if not args.no_append:
-        with Path(args.results).open("a") as f:
-            f.write(report + "\n")
-        print(f"appended to {args.results}")
+    common.publish(report, args.results, append=not args.no_append)
     if notes or not verdicts:
         return 2  # a case did not run
     return 1 if args.strict and not all(verdicts) else 0

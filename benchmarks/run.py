@@ -442,14 +442,7 @@ def main(argv=None) -> int:
         "",
     ])
     print()
-    print(report)
-    if not args.no_append:
-        path = Path(args.results)
-        if not path.exists():
-            path.write_text("# Benchmark results\n\nAppended by `python benchmarks/run.py`; newest last.\n\n")
-        with path.open("a") as f:
-            f.write(report + "\n")
-        print(f"appended to {path}")
+    common.publish(report, args.results, append=not args.no_append)
     return 0
 
 
