@@ -295,10 +295,12 @@ class Model:
         """Predictions for every input row exactly once, in input order, returned on every rank (numpy)."""
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(steps, "steps")
-        data = self._adapt(x, targets=False)
+        return self._predict(self._adapt(x, targets=False), batch_size or 32, steps, verbose, callbacks)
+
+    def _predict(self, data: Any, batch_size: int, steps: int | None, verbose: Any,
+                 callbacks: list[Callback] | None) -> Any:
         self._remember_example(data)
         engine = self._get_engine()
-        batch_size = batch_size or 32
         callback_list = CallbackList(callbacks, self, {"verbose": _resolve_verbose(verbose),
                                                        "steps": steps or data.steps_per_pass(batch_size)})
         callback_list.call("on_predict_begin", {})
@@ -335,7 +337,7 @@ class Model:
 
     def predict_on_batch(self, x: Any) -> Any:
         data = self._adapt(x, targets=False)
-        return self.predict(x, batch_size=data.n)
+        return self._predict(data, data.n, None, 0, None)
 
     # -- deprecated Keras aliases ----------------------------------------------------------------------
     # Keras 2's signatures (positional order and defaults), forwarded by keyword.

@@ -6,7 +6,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from .sharding import GlobalBatchPlan, num_batches
+from .sharding import epoch_rows, num_batches, split_point
 from .structure import flatten, index_rows, map_structure
 
 
@@ -99,13 +99,7 @@ class ArrayData:
 
     def split(self, validation_split: float) -> tuple["ArrayData", "ArrayData"]:
         """Keras' split: the LAST ``n - int(n * (1 - f))`` rows, before shuffling, are validation data."""
-        n_train = int(self.n * (1.0 - validation_split))
-        if n_train <= 0 or n_train >= self.n:
-            side = "training" if n_train <= 0 else "validation"
-            raise ValueError(
-                f"validation_split={validation_split} of {self.n} samples leaves no {side} samples; "
-                "choose a split that leaves at least one sample on each side"
-            )
+        n_train = split_point(self.n, validation_split)
         return self.take(slice(0, n_train)), self.take(slice(n_train, self.n))
 
     def with_weights(self, sample_weight: torch.Tensor | None) -> "ArrayData":
@@ -117,27 +111,12 @@ class ArrayData:
 
     def epoch(self, epoch: int, batch_size: int, steps: int | None, shuffle: bool, seed: int,
               rank: int, world: int) -> Iterator[Batch]:
-        """The batches of one epoch. With ``steps`` set, the data repeats (reshuffled each pass) and
-        global step ``g = epoch * steps + s`` reads batch ``g % batches`` of pass ``g // batches``."""
-        per_pass = self.steps_per_pass(batch_size)
-        if steps is None:
-            plan = GlobalBatchPlan(self.n, batch_size, rank, world, shuffle, seed, epoch)
-            for step in range(per_pass):
-                yield self._batch(plan, step)
-            return
-        plan, plan_pass = None, -1
-        for g in range(epoch * steps, (epoch + 1) * steps):
-            pass_index, step = divmod(g, per_pass)
-            if pass_index != plan_pass:
-                plan, plan_pass = GlobalBatchPlan(self.n, batch_size, rank, world, shuffle, seed, pass_index), pass_index
-            yield self._batch(plan, step)
-
-    def _batch(self, plan: GlobalBatchPlan, step: int) -> Batch:
-        rows, global_size = plan.rows(step)
-        size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-        y = None if self.y is None else index_rows(self.y, rows)
-        w = None if self.sample_weight is None else index_rows(self.sample_weight, rows)
-        return Batch(index_rows(self.x, rows), y, w, size, global_size)
+        """The batches of one epoch (see ``sharding.epoch_rows`` for how steps map to passes)."""
+        for rows, global_size in epoch_rows(self.n, batch_size, epoch, steps, shuffle, seed, rank, world):
+            size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
+            y = None if self.y is None else index_rows(self.y, rows)
+            w = None if self.sample_weight is None else index_rows(self.sample_weight, rows)
+            yield Batch(index_rows(self.x, rows), y, w, size, global_size)
 
     def __len__(self) -> int:
         return self.n

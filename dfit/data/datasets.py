@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from .arrays import Batch
-from .sharding import GlobalBatchPlan, num_batches
+from .sharding import epoch_rows, num_batches, split_point
 from .structure import index_rows, map_structure
 
 
@@ -43,10 +43,7 @@ class DatasetData:
         )
 
     def split(self, validation_split: float) -> tuple["DatasetData", "DatasetData"]:
-        n_train = int(self.n * (1.0 - validation_split))
-        if n_train <= 0 or n_train >= self.n:
-            side = "training" if n_train <= 0 else "validation"
-            raise ValueError(f"validation_split={validation_split} of {self.n} samples leaves no {side} samples")
+        n_train = split_point(self.n, validation_split)
         return (DatasetData(self.dataset, self.float_dtype, self.row_ids[:n_train]),
                 DatasetData(self.dataset, self.float_dtype, self.row_ids[n_train:]))
 
@@ -55,17 +52,7 @@ class DatasetData:
 
     def epoch(self, epoch: int, batch_size: int, steps: int | None, shuffle: bool, seed: int,
               rank: int, world: int) -> Iterator[Batch]:
-        per_pass = self.steps_per_pass(batch_size)
-        first, count = (epoch * per_pass, per_pass) if steps is None else (epoch * steps, steps)
-        plan, plan_pass = None, -1
-        for g in range(first, first + count):
-            pass_index, step = divmod(g, per_pass)
-            if steps is None:
-                pass_index = epoch
-            if pass_index != plan_pass:
-                plan = GlobalBatchPlan(self.n, batch_size, rank, world, shuffle, seed, pass_index)
-                plan_pass = pass_index
-            rows, global_size = plan.rows(step)
+        for rows, global_size in epoch_rows(self.n, batch_size, epoch, steps, shuffle, seed, rank, world):
             ids = range(self.n)[rows] if isinstance(rows, slice) else rows.tolist()
             yield self._collate([self.dataset[self.row_ids[i]] for i in ids], global_size)
 
