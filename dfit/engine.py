@@ -17,7 +17,7 @@ from . import distributed as dist
 from .callbacks.base import CallbackList, LazyLogs
 from .data import Batch
 from .data.structure import concat_rows, map_structure
-from .losses import CompiledLoss
+from .losses import CompiledLoss, global_batch_decisions
 from .metrics import MetricSet
 
 if TYPE_CHECKING:
@@ -133,7 +133,10 @@ class Engine:
     # -- the loops -------------------------------------------------------------------------------------
     def _forward(self, module: torch.nn.Module, batch: Batch, output_names: list[str], loss_fn: CompiledLoss):
         """Forward pass and this rank's loss of the global batch."""
-        y_pred = as_outputs(call_module(module, batch.x), output_names, "the model output")
+        output = call_module(module, batch.x)
+        if loss_fn.from_model:  # the module computed its own loss (compile(loss=None))
+            return [], [], loss_fn(output, batch.size, batch.global_size, self.world)
+        y_pred = as_outputs(output, output_names, "the model output")
         y_true = as_outputs(batch.y, output_names, "y")
         loss = loss_fn(y_pred, y_true, batch.sample_weight, batch.size, batch.global_size, self.world)
         return y_pred, y_true, loss
@@ -147,27 +150,25 @@ class Engine:
         has_metrics = bool(tracker.metrics)
         self.model.module.train()
         tracker.reset(self.device)
-        for step, batch in enumerate(self._prefetched(batches)):
-            if wants_batches:
-                callbacks.batch_begin("train", step)
-            if self.autocast_dtype is None:
-                y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
-            else:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+        with global_batch_decisions(self.world > 1):
+            for step, batch in enumerate(self._prefetched(batches)):
+                if wants_batches:
+                    callbacks.batch_begin("train", step)
+                with self.autocast():
                     y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
-            optimizer.zero_grad(set_to_none=True)
-            if self.scaler is None:
-                loss.value.backward(self._seed(loss))  # the gradient of value * scale, without a multiply
-                optimizer.step()
-            else:
-                self.scaler.scale(loss.objective).backward()
-                self.scaler.step(optimizer)
-                self.scaler.update()
-            tracker.update_loss(loss.parts, batch.size)
-            if has_metrics:
-                tracker.update_metrics([p.detach() for p in y_pred], y_true, batch.sample_weight)
-            if wants_batches:
-                callbacks.batch_end("train", step, LazyLogs(lambda: tracker.running(self.device)))
+                optimizer.zero_grad(set_to_none=True)
+                if self.scaler is None:
+                    loss.value.backward(self._seed(loss))  # the gradient of value * scale, without a multiply
+                    optimizer.step()
+                else:
+                    self.scaler.scale(loss.objective).backward()
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                tracker.update_loss(loss.parts, batch.size)
+                if has_metrics:
+                    tracker.update_metrics([p.detach() for p in y_pred], y_true, batch.sample_weight)
+                if wants_batches:
+                    callbacks.batch_end("train", step, LazyLogs(lambda: tracker.running(self.device)))
         return tracker.results(self.device)
 
     @torch.inference_mode()
@@ -180,15 +181,16 @@ class Engine:
         self.model.module.eval()
         tracker.reset(self.device)
         try:
-            for step, batch in enumerate(self._prefetched(batches)):
-                if wants_batches:
-                    callbacks.batch_begin("test", step)
-                with self.autocast():
-                    y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
-                tracker.update_loss(loss.parts, batch.size)
-                tracker.update_metrics(y_pred, y_true, batch.sample_weight)
-                if wants_batches:
-                    callbacks.batch_end("test", step, LazyLogs(lambda: tracker.running(self.device)))
+            with global_batch_decisions(self.world > 1):
+                for step, batch in enumerate(self._prefetched(batches)):
+                    if wants_batches:
+                        callbacks.batch_begin("test", step)
+                    with self.autocast():
+                        y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
+                    tracker.update_loss(loss.parts, batch.size)
+                    tracker.update_metrics(y_pred, y_true, batch.sample_weight)
+                    if wants_batches:
+                        callbacks.batch_end("test", step, LazyLogs(lambda: tracker.running(self.device)))
         finally:
             self.model.module.train(was_training)
         return tracker.results(self.device)

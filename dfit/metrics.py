@@ -21,30 +21,35 @@ __all__ = [
 ]
 
 
-def binary_accuracy(y_pred, y_true, threshold: float = 0.5):
+def binary_accuracy(y_true, y_pred, threshold: float = 0.5):
     y_true = L.align_targets(y_pred, y_true)
     return ((y_pred > threshold).to(y_true.dtype) == y_true).to(y_pred.dtype).mean(dim=-1)
 
 
-def categorical_accuracy(y_pred, y_true):
+def categorical_accuracy(y_true, y_pred):
     return (y_pred.argmax(dim=-1) == y_true.argmax(dim=-1)).to(y_pred.dtype)
 
 
-def sparse_categorical_accuracy(y_pred, y_true):
+def sparse_categorical_accuracy(y_true, y_pred):
     if y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1:
         y_true = y_true.squeeze(-1)
     return (y_pred.argmax(dim=-1) == y_true.long()).to(y_pred.dtype)
 
 
-def sparse_top_k_categorical_accuracy(y_pred, y_true, k: int = 5):
+def sparse_top_k_categorical_accuracy(y_true, y_pred, k: int = 5):
     if y_true.dim() == y_pred.dim() and y_true.shape[-1] == 1:
         y_true = y_true.squeeze(-1)
     top = y_pred.topk(min(k, y_pred.shape[-1]), dim=-1).indices
     return (top == y_true.long().unsqueeze(-1)).any(dim=-1).to(y_pred.dtype)
 
 
-def top_k_categorical_accuracy(y_pred, y_true, k: int = 5):
-    return sparse_top_k_categorical_accuracy(y_pred, y_true.argmax(dim=-1), k)
+def top_k_categorical_accuracy(y_true, y_pred, k: int = 5):
+    return sparse_top_k_categorical_accuracy(y_true.argmax(dim=-1), y_pred, k)
+
+
+def cosine_similarity(y_true, y_pred):
+    """The cosine of the angle between targets and predictions (+cos: the loss of the same name is -cos)."""
+    return -L.cosine_similarity(y_true, y_pred)
 
 
 _BY_NAME: dict[str, Callable] = {
@@ -61,7 +66,7 @@ _BY_NAME: dict[str, Callable] = {
     "binary_crossentropy": L.binary_crossentropy, "categorical_crossentropy": L.categorical_crossentropy,
     "sparse_categorical_crossentropy": L.sparse_categorical_crossentropy,
     "kl_divergence": L.kl_divergence, "poisson": L.poisson, "hinge": L.hinge, "squared_hinge": L.squared_hinge,
-    "categorical_hinge": L.categorical_hinge, "cosine_similarity": L.cosine_similarity, "log_cosh": L.log_cosh,
+    "categorical_hinge": L.categorical_hinge, "cosine_similarity": cosine_similarity, "log_cosh": L.log_cosh,
 }
 _SQRT_RESULT = {"root_mean_squared_error", "rmse"}
 
@@ -73,7 +78,7 @@ def _accuracy_for(loss_fn: Callable, y_pred: torch.Tensor, y_true: torch.Tensor)
     if fn is L.binary_crossentropy or isinstance(fn, (torch.nn.BCELoss, torch.nn.BCEWithLogitsLoss)) \
             or (y_pred.shape[-1] == 1 and y_pred.dim() > 1):
         threshold = 0.0 if logits else 0.5
-        return lambda p, t: binary_accuracy(p, t, threshold)
+        return lambda t, p: binary_accuracy(t, p, threshold)
     # Keras 3: by shapes, not dtypes: class indices have a lower rank (or a last axis of 1), else one-hot rows.
     sparse = y_true.dim() < y_pred.dim() or (y_true.shape[-1] == 1 and y_pred.shape[-1] > 1)
     return sparse_categorical_accuracy if sparse else categorical_accuracy
@@ -100,7 +105,7 @@ class MeanMetric:
     def update(self, y_pred: torch.Tensor, y_true: torch.Tensor, sample_weight: torch.Tensor | None) -> None:
         if self.fn is None:  # 'accuracy': resolved on first use, identically on every rank
             self.fn = _accuracy_for(self.loss_fn, y_pred, y_true)
-        values = self.fn(y_pred, y_true)
+        values = self.fn(y_true, y_pred)
         if self.weighted and sample_weight is not None:
             w = sample_weight
             while w.dim() < values.dim():
@@ -149,7 +154,7 @@ def _is_torchmetric(obj: Any) -> bool:
 
 
 def get(identifier: Any, *, weighted: bool, output: int, loss_fn: Callable | None, prefix: str = ""):
-    """A metric object from a Keras name, a callable ``(y_pred, y_true) -> values``, or a torchmetrics Metric."""
+    """A metric object from a Keras name, a callable ``(y_true, y_pred) -> values``, or a torchmetrics Metric."""
     if isinstance(identifier, str):
         key = identifier.lower()
         if key in ("accuracy", "acc"):
@@ -164,7 +169,7 @@ def get(identifier: Any, *, weighted: bool, output: int, loss_fn: Callable | Non
         return TorchMetric(identifier, output, prefix + _snake(type(identifier).__name__))
     if callable(identifier):
         name = getattr(identifier, "__name__", None) or _snake(type(identifier).__name__)
-        return MeanMetric(prefix + name, identifier, weighted, output)
+        return MeanMetric(prefix + name, L.keras_order(identifier, "metric"), weighted, output)
     raise TypeError(f"a metric must be a name, a callable or a torchmetrics.Metric; got {type(identifier).__name__}")
 
 
@@ -207,12 +212,13 @@ class MetricSet:
                  output_names: Sequence[str]):
         self.compiled_loss = compiled_loss
         multi = len(output_names) > 1
-        self.loss_names = ["loss"] + ([f"{n}_loss" for n in output_names] if multi and compiled_loss else [])
+        logged = compiled_loss.logged_outputs if compiled_loss is not None else []
+        self.loss_names = ["loss"] + [f"{n}_loss" for n in logged]
         self.metrics: list[Any] = []
         for weighted, spec in ((False, metrics), (True, weighted_metrics)):
             for i, per_output in enumerate(_spread(spec, output_names, "weighted_metrics" if weighted else "metrics")):
                 prefix = f"{output_names[i]}_" if multi else ""
-                loss_fn = compiled_loss.fns[i] if compiled_loss else None
+                loss_fn = compiled_loss.fns[i] if compiled_loss is not None and not compiled_loss.from_model else None
                 for ident in per_output:
                     self.metrics.append(get(ident, weighted=weighted, output=i, loss_fn=loss_fn, prefix=prefix))
         seen: set[str] = set(self.loss_names)

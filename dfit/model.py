@@ -21,6 +21,7 @@ from . import metrics as metrics_mod
 from . import optimizers, serialization
 from .callbacks import Callback, CallbackList, History, ProgbarLogger
 from .engine import PRECISIONS, Engine
+from .data.sharding import batch_size_for, epoch_batches
 from .metrics import MetricSet
 
 _NOT_COMPILED = "You must call compile() before fit/evaluate/train_on_batch/test_on_batch"
@@ -107,6 +108,9 @@ class Model:
                 losses_mod.get(spec)
         metrics_mod.check(metrics)
         metrics_mod.check(weighted_metrics)
+        if loss is None and (metrics or weighted_metrics):
+            raise ValueError("metrics need predictions and targets, but compile() got no loss (the model computes "
+                             "its own); give a loss, or compute the metrics in the model")
         self.optimizer = optimizers.build(optimizer, self.module.parameters())
         self._compile_args = dict(optimizer=optimizer if isinstance(optimizer, str) else None, loss=loss,
                                   metrics=metrics, loss_weights=loss_weights, weighted_metrics=weighted_metrics,
@@ -116,11 +120,12 @@ class Model:
         self._engine = None
         self.compiled = True
 
-    def compiled_loss(self, output_names: list[str]) -> losses_mod.CompiledLoss:
+    def compiled_loss(self, output_names: list[str]) -> losses_mod.CompiledLoss | losses_mod.ModelComputedLoss:
+        """The loss of the outputs ``output_names`` (``compile(loss=None)``: the loss the module computes)."""
+        if self._compile_args.get("loss") is None:
+            return losses_mod.ModelComputedLoss()
         key = tuple(output_names)
         if key not in self._losses:
-            if self._compile_args.get("loss") is None:
-                raise ValueError("compile() was called without a loss; fit and evaluate need one")
             self._losses[key] = losses_mod.CompiledLoss(self._compile_args["loss"],
                                                         self._compile_args["loss_weights"], output_names)
         return self._losses[key]
@@ -146,6 +151,7 @@ class Model:
     def _adapt(self, x: Any, y: Any = None, sample_weight: Any = None, what: str = "x", targets: bool = True):
         temporal = self._compile_args.get("sample_weight_mode") == "temporal"
         data = data_mod.adapt(x, y, sample_weight, float_dtype=self._float_dtype(), temporal=temporal, what=what)
+        targets = targets and self._compile_args.get("loss") is not None  # a model-computed loss needs no y
         if targets and isinstance(data, (data_mod.ArrayData, data_mod.DatasetData)) and data.y is None:
             raise ValueError(f"{what} comes without targets: pass y (or a Dataset whose items are (x, y))")
         return data
@@ -183,7 +189,6 @@ class Model:
             raise TypeError(f"seed must be an integer or None; got {seed!r}")
         verbose = _resolve_verbose(verbose)
         should_validate = _validate_every(validation_freq)
-        batch_size = batch_size or 32
         train = self._adapt(x, y, sample_weight)
         val = None
         if validation_data is not None:
@@ -196,6 +201,9 @@ class Model:
                 w = train.sample_weight
                 cw = cw.reshape(cw.shape + (1,) * (w.dim() - cw.dim())) * w
             train = train.with_weights(cw)
+        val_batch_size = None if val is None else validation_batch_size or batch_size_for(val.n, batch_size,
+                                                                                          validation_steps)
+        batch_size = batch_size_for(train.n, batch_size, steps_per_epoch)
         output_names = _output_names(train.y)
         train_metrics = self._metric_set(output_names)
         val_metrics = self._metric_set(output_names) if val is not None else None
@@ -206,7 +214,8 @@ class Model:
         rank, world = dist.rank(), dist.world_size()
         if seed is None:
             seed = dist.broadcast_object(int(np.random.SeedSequence().entropy % (2 ** 31)))
-        steps = steps_per_epoch or train.steps_per_pass(batch_size)
+        per_pass = train.steps_per_pass(batch_size)
+        steps = steps_per_epoch or per_pass
         history = History()
         cbs = [history] + list(callbacks or [])
         if verbose and not any(isinstance(cb, ProgbarLogger) for cb in cbs):  # Keras: the user's one replaces it
@@ -218,16 +227,19 @@ class Model:
         callback_list = CallbackList(cbs, self, params)
         self.history = history
         self.stop_training = False
+        self._warned_ran_out = False
 
         # 3. epochs ---------------------------------------------------------------------------------------
         callback_list.call("on_train_begin", {})
         logs: dict[str, float] = {}
         for epoch in range(initial_epoch, epochs):
+            if steps_per_epoch and len(epoch_batches(per_pass, epoch, steps_per_epoch)[1]) < steps_per_epoch:
+                _warn_ran_out_once(self)
             callback_list.call("on_epoch_begin", epoch, {})
             batches = train.epoch(epoch, batch_size, steps_per_epoch, bool(shuffle), seed, rank, world)
             logs = engine.train_epoch(batches, train_metrics, callback_list, output_names)
             if val is not None and should_validate(epoch):
-                val_logs = self._run_test(engine, val, validation_batch_size or batch_size, validation_steps,
+                val_logs = self._run_test(engine, val, val_batch_size, validation_steps,
                                           val_metrics, callback_list, output_names)
                 logs.update({f"val_{k}": v for k, v in val_logs.items()})
             callback_list.call("on_epoch_end", epoch, logs)
@@ -275,8 +287,8 @@ class Model:
         tracker = self._metric_set(output_names)
         self._remember_example(data)
         engine = self._get_engine()
-        batch_size = batch_size or 32
-        n_steps = steps or data.steps_per_pass(batch_size)
+        batch_size = batch_size_for(data.n, batch_size, steps)
+        n_steps = min(steps or data.steps_per_pass(batch_size), data.steps_per_pass(batch_size))
         callback_list = CallbackList(callbacks, self, {"verbose": verbose, "steps": n_steps})
         import time
 
@@ -295,14 +307,16 @@ class Model:
         """Predictions for every input row exactly once, in input order, returned on every rank (numpy)."""
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(steps, "steps")
-        return self._predict(self._adapt(x, targets=False), batch_size or 32, steps, verbose, callbacks)
+        data = self._adapt(x, targets=False)
+        return self._predict(data, batch_size_for(data.n, batch_size, steps), steps, verbose, callbacks)
 
     def _predict(self, data: Any, batch_size: int, steps: int | None, verbose: Any,
                  callbacks: list[Callback] | None) -> Any:
         self._remember_example(data)
         engine = self._get_engine()
+        per_pass = data.steps_per_pass(batch_size)
         callback_list = CallbackList(callbacks, self, {"verbose": _resolve_verbose(verbose),
-                                                       "steps": steps or data.steps_per_pass(batch_size)})
+                                                       "steps": min(steps or per_pass, per_pass)})
         callback_list.call("on_predict_begin", {})
         batches = data.epoch(0, batch_size, steps, False, 0, dist.rank(), dist.world_size())
         out = engine.predict(batches, callback_list)
@@ -418,6 +432,18 @@ class Model:
 
     def load_weights(self, path: str) -> None:
         serialization.load_weights(self, path)
+
+
+def _warn_ran_out_once(model: Model) -> None:
+    """Keras' warning when an epoch ends before ``steps_per_epoch`` because the data ran out (once per fit)."""
+    if getattr(model, "_warned_ran_out", False):
+        return
+    model._warned_ran_out = True
+    if dist.is_chief():
+        warnings.warn("Your input ran out of data; the epoch ended before steps_per_epoch steps. Make sure your data "
+                      "can give at least `steps_per_epoch * epochs` batches (arrays give ceil(n / batch_size) batches "
+                      "per pass; each epoch that reaches the end of the data stops there, and the next one starts a "
+                      "new pass).", UserWarning, stacklevel=3)
 
 
 def _keras_result(logs: dict[str, float], return_dict: bool) -> Any:

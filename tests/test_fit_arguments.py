@@ -354,21 +354,60 @@ def test_bad_validation_freq(freq):
 
 
 # -- steps_per_epoch ---------------------------------------------------------------------------------------
-def test_steps_per_epoch_on_arrays_continues_through_the_data():
+def _rows_per_epoch(n, batch_size, epochs, steps):
+    """Which rows each epoch reads (x = row ids), recorded at every epoch start."""
     rec = Recorder()
-    model = frozen_model(rec)
-    history = model.fit(row_ids(10), np.zeros((10, 1)), batch_size=4, epochs=2, steps_per_epoch=2,
-                        verbose=0, shuffle=False)
-    assert history.params["steps"] == 2
-    # 3 batches per pass (4, 4, 2): epoch 0 reads batches 0-1, epoch 1 batch 2 then batch 0 of the next pass
-    assert rec.rows(True) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [0, 1, 2, 3]]
+    marks = []
+    cb = dfit.callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: marks.append(len(rec.rows(True))))
+    history = frozen_model(rec).fit(row_ids(n), np.zeros((n, 1)), batch_size=batch_size, epochs=epochs,
+                                    steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[cb])
+    batches = rec.rows(True)
+    bounds = marks + [len(batches)]
+    return [batches[bounds[i]:bounds[i + 1]] for i in range(epochs)], history
 
 
-def test_steps_per_epoch_larger_than_the_data_repeats_it():
+B0, B1, B2, B3 = [0, 1, 2], [3, 4, 5], [6, 7, 8], [9]
+
+
+@pytest.mark.parametrize("steps, expected, warns", [
+    # Keras 3 (checked with keras 3.15, torch backend, on these 10 rows in batches of 3): epochs continue through
+    # a pass; the epoch that reaches the end of the data stops there; the next epoch starts a new pass.
+    (2, [[B0, B1], [B2, B3], [B0, B1]], False),
+    (3, [[B0, B1, B2], [B3], [B0, B1, B2]], True),
+    (4, [[B0, B1, B2, B3]] * 3, False),
+    (7, [[B0, B1, B2, B3]] * 3, True),
+])
+def test_steps_per_epoch_on_arrays_follows_keras(steps, expected, warns):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, history = _rows_per_epoch(10, 3, 3, steps)
+    assert got == expected
+    assert history.params["steps"] == steps
+    ran_out = [w for w in caught if "ran out of data" in str(w.message)]
+    assert len(ran_out) == (1 if warns else 0)  # said once per fit, not once per short epoch
+
+
+def test_batch_size_none_with_steps_is_derived_from_the_steps_as_keras():
+    got, _ = _rows_per_epoch(10, None, 1, 3)
+    assert got == [[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]]  # ceil(10 / 3) = 4 rows per batch
     rec = Recorder()
     model = frozen_model(rec)
-    model.fit(row_ids(5), np.zeros((5, 1)), batch_size=2, epochs=1, steps_per_epoch=4, verbose=0, shuffle=False)
-    assert rec.rows(True) == [[0, 1], [2, 3], [4], [0, 1]]
+    model.evaluate(row_ids(10), np.zeros((10, 1)), steps=2, verbose=0)
+    model.predict(row_ids(10), steps=5)
+    assert rec.rows(False) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+
+
+def test_validation_steps_reads_the_first_batches_and_derives_the_batch_size():
+    rec = Recorder()
+    frozen_model(rec).fit(row_ids(10), np.zeros((10, 1)), batch_size=4, epochs=2, shuffle=False, verbose=0,
+                          validation_data=(row_ids(10), np.zeros((10, 1))), validation_steps=2)
+    assert rec.rows(False) == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2  # every validation starts at the beginning
+    rec = Recorder()
+    frozen_model(rec).fit(row_ids(10), np.zeros((10, 1)), epochs=1, shuffle=False, verbose=0,
+                          validation_data=(row_ids(10), np.zeros((10, 1))), validation_steps=2)
+    assert rec.rows(True) == [list(range(10))] and rec.rows(False) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 
 
 # -- shuffle and seed --------------------------------------------------------------------------------------
@@ -392,7 +431,7 @@ def test_shuffle_with_seed_is_reproducible_and_a_permutation_per_epoch():
     for order in a:
         assert sorted(order) == list(range(12))
     assert a[0] != list(range(12))
-    assert a[0] != a[1] != a[2]
+    assert a[0] != a[1] and a[1] != a[2] and a[0] != a[2]
     assert _epoch_orders(8) != a
 
 

@@ -87,7 +87,7 @@ def test_regression_losses_by_name(name):
     if name == "msle":
         p, t = np.abs(p), np.abs(t)
     expected = REGRESSION[name](p, t)
-    got = L.get(name)(torch.tensor(p), torch.tensor(t)).numpy()
+    got = L.get(name)(torch.tensor(t), torch.tensor(p)).numpy()  # Keras order
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
     assert _evaluate_loss(name, p, t) == pytest.approx(expected.mean(), rel=1e-10)
 
@@ -95,7 +95,7 @@ def test_regression_losses_by_name(name):
 def test_huber_with_delta_crosses_both_branches():
     p = np.array([[0.0, 0.5, 3.0]])
     t = np.array([[0.2, 2.5, -1.0]])
-    got = L.Huber(delta=1.5)(torch.tensor(p), torch.tensor(t)).numpy()
+    got = L.Huber(delta=1.5).call(torch.tensor(t), torch.tensor(p)).numpy()
     np.testing.assert_allclose(got, k_huber(p, t, 1.5), rtol=1e-12)
 
 
@@ -164,11 +164,11 @@ def test_from_logits_variants():
 def test_label_smoothing_matches_keras():
     p = RNG.uniform(0.05, 0.95, size=(5, 1))
     t = RNG.integers(0, 2, size=(5, 1)).astype(np.float64)
-    got = L.BinaryCrossentropy(label_smoothing=0.2)(torch.tensor(p), torch.tensor(t)).numpy()
+    got = L.BinaryCrossentropy(label_smoothing=0.2).call(torch.tensor(t), torch.tensor(p)).numpy()
     np.testing.assert_allclose(got, k_bce(p, t * 0.8 + 0.1), rtol=1e-10)
     probs = _softmax(RNG.normal(size=(5, 4)))
     oh = np.eye(4)[RNG.integers(0, 4, size=5)]
-    got = L.CategoricalCrossentropy(label_smoothing=0.2)(torch.tensor(probs), torch.tensor(oh)).numpy()
+    got = L.CategoricalCrossentropy(label_smoothing=0.2).call(torch.tensor(oh), torch.tensor(probs)).numpy()
     np.testing.assert_allclose(got, k_cce(probs, oh * 0.8 + 0.2 / 4), rtol=1e-10)
 
 

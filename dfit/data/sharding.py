@@ -55,26 +55,35 @@ class GlobalBatchPlan:
         return self.order[first + start:first + stop], size
 
 
+def epoch_batches(per_pass: int, epoch: int, steps: int | None) -> tuple[int, range]:
+    """Keras 3's epochs over data of known length: (pass index, the batches of that pass in ``epoch``).
+
+    Without ``steps`` an epoch is one pass. With ``steps`` smaller than a pass, consecutive epochs continue
+    through the pass (epoch 2 starts where epoch 1 stopped) and the epoch that reaches the end of the data stops
+    there, shorter; the next epoch starts a new pass, reshuffled. With ``steps`` larger than a pass, every epoch
+    is one pass and ends when the data runs out. (Keras warns when an epoch ends before ``steps``.)
+    """
+    if steps is None or steps >= per_pass:
+        return epoch, range(per_pass)
+    epochs_per_pass = num_batches(per_pass, steps)
+    pass_index, chunk = divmod(epoch, epochs_per_pass)
+    return pass_index, range(chunk * steps, min((chunk + 1) * steps, per_pass))
+
+
 def epoch_rows(n: int, batch_size: int, epoch: int, steps: int | None, shuffle: bool, seed: int,
                rank: int, world: int) -> Iterator[tuple[slice | torch.Tensor, int]]:
-    """This rank's rows and the global batch size at each step of ``epoch``.
-
-    Without ``steps`` an epoch is one pass (pass index = epoch). With ``steps`` the data repeats,
-    reshuffled each pass: global step ``g = epoch * steps + s`` reads batch ``g % batches`` of pass
-    ``g // batches``.
-    """
-    per_pass = num_batches(n, batch_size)
-    if steps is None:
-        plan = GlobalBatchPlan(n, batch_size, rank, world, shuffle, seed, epoch)
-        for step in range(per_pass):
-            yield plan.rows(step)
-        return
-    plan, plan_pass = None, -1
-    for g in range(epoch * steps, (epoch + 1) * steps):
-        pass_index, step = divmod(g, per_pass)
-        if pass_index != plan_pass:
-            plan, plan_pass = GlobalBatchPlan(n, batch_size, rank, world, shuffle, seed, pass_index), pass_index
+    """This rank's rows and the global batch size at each step of ``epoch`` (see ``epoch_batches``)."""
+    pass_index, batches = epoch_batches(num_batches(n, batch_size), epoch, steps)
+    plan = GlobalBatchPlan(n, batch_size, rank, world, shuffle, seed, pass_index)
+    for step in batches:
         yield plan.rows(step)
+
+
+def batch_size_for(n: int, batch_size: int | None, steps: int | None) -> int:
+    """Keras' batch size: the one given, else ``ceil(n / steps)`` when steps are given, else 32."""
+    if batch_size is not None:
+        return batch_size
+    return max(1, num_batches(n, steps)) if steps else 32
 
 
 def split_point(n: int, validation_split: float) -> int:
