@@ -1,6 +1,7 @@
 """``dfit-launch``: run a training script on N processes with torch's own elastic launcher.
 
-    dfit-launch [--nproc-per-node N|auto] [--nnodes M[:N]] [torchrun options] [--max-restarts K] script.py [args]
+    dfit-launch [--nproc-per-node N|auto] [--nnodes M[:N]] [torchrun options] [--max-restarts K]
+                [--all-ranks-output] [--verbose-errors] [--error-report PATH] script.py [args]
 
 Everything torchrun accepts is accepted here (rendezvous options are passed through unchanged); dfit-launch
 only adds what makes a job end cleanly and restart reliably:
@@ -9,20 +10,31 @@ only adds what makes a job end cleanly and restart reliably:
 - One node and no rendezvous given: a private rendezvous on a free localhost port (never a fixed 29500).
 - ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``: each restart round gets a fresh store, and dfit namespaces its
   process-group keys per attempt, so ``--max-restarts K`` recovers every time, not most of the time.
-- Each worker runs the script under torch elastic's ``errors.record``, so a failing rank's traceback reaches
-  the launcher; the launcher ends every other rank, prints the failing rank and its traceback, and exits
-  with the failing rank's exit code (non-zero).
+- Workers' stdout is shown from global rank 0 only (a ``print`` appears once, on every number of nodes);
+  ``--all-ranks-output`` shows every rank's. stderr (warnings, errors) is shown from every rank. The
+  filtering happens inside each worker, by global rank, so a terminal stays a terminal (progress bars) and
+  torchrun's own ``--tee``/``--redirects``/``--local-ranks-filter`` still work (giving one of them turns
+  dfit's filter off).
+- A failing rank records its exception for the launcher, which ends every other rank and prints a short
+  report: the rank, its exception and the last frames of its traceback in the user's files; torch's full
+  report goes to a file whose path is printed (``--error-report PATH`` chooses it). ``--verbose-errors``
+  prints everything on stderr instead, as torchrun does. The exit code is the failing rank's (non-zero).
 
 ``python -m dfit.launch`` is the same command.
 """
 from __future__ import annotations
 
+import logging
 import os
 import runpy
 import sys
+import traceback
 from typing import Sequence
 
+from . import launch_errors
+
 WORKER_FLAG = "--dfit-worker"
+WORKER_OPTION = "--dfit-"  # --dfit-stdout=rank0, --dfit-errors=brief: how the launcher configures a worker
 
 
 def _visible_gpus() -> int:
@@ -53,41 +65,64 @@ def _parser():
     parser = get_args_parser()
     parser.prog = "dfit-launch"
     parser.description = ("Run a dfit (or any torch.distributed) training script on N processes per node "
-                          "with torch's elastic launcher. A failing rank ends the job.")
+                          "with torch's elastic launcher. Only global rank 0's stdout is shown (stderr of "
+                          "every rank); a failing rank ends the job with a short report naming it "
+                          "(see --all-ranks-output, --verbose-errors, --error-report).")
     for action in parser._actions:  # our default: one process per GPU, else one
         if action.dest == "nproc_per_node":
             action.default = os.environ.get("PET_NPROC_PER_NODE", "auto")
             action.help = "processes per node: a number, or 'auto' (one per visible GPU, else 1; default)"
+    group = parser.add_argument_group("dfit-launch output")
+    group.add_argument("--all-ranks-output", action="store_true",
+                       help="show the stdout of every rank (default: of global rank 0 only; stderr is always "
+                            "shown from every rank). Implied by torchrun's --tee, --redirects, "
+                            "--local-ranks-filter")
+    group.add_argument("--verbose-errors", action="store_true",
+                       help="when a rank fails, print every rank's traceback and torch elastic's full report "
+                            "(default: the failing rank, its exception and the last frames of its traceback; "
+                            "the full report is saved to a file whose path is printed)")
+    group.add_argument("--error-report", metavar="PATH", default=None,
+                       help="where to save the full failure report (default: a new file "
+                            "dfit-launch-failure-<time>-<pid>.log in --log-dir, else in the temp directory)")
     return parser
 
 
-def _failure_report(err) -> str:
-    """torch's root-cause block, then one line per failed rank: its exit code and exception."""
-    lines = [str(err).rstrip(), ""]
-    first_rank, _ = err.get_first_failure()
-    ordered = sorted(err.failures.items(), key=lambda item: (item[0] != first_rank, item[0]))
-    for global_rank, failure in ordered:
-        message = failure.message
-        if isinstance(message, dict):
-            message = message.get("message", "")
-        who = f"dfit-launch: rank {global_rank} (local rank {failure.local_rank})"
-        if global_rank != first_rank and failure.exitcode < 0:
-            lines.append(f"{who} was ended by the launcher ({failure.signal_name()}) after the first failure")
-            continue
-        tag = " (first failure)" if global_rank == first_rank else ""
-        lines.append(f"{who} failed with exit code {failure.exitcode}{tag}: {message}")
-    lines.append("dfit-launch: every other rank was ended; the job failed")
-    return "\n".join(lines)
+class _HeldRecords(logging.Handler):
+    """Keeps torch elastic's lines about ending the workers, for the report file, instead of stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname).1s %(asctime)s %(name)s] %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+def _launch(config, entrypoint, cmd_args: list[str], hold_logs: _HeldRecords | None) -> None:
+    from torch.distributed.launcher.api import elastic_launch
+
+    logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    propagate = logger.propagate
+    if hold_logs is not None:
+        logger.addHandler(hold_logs)
+        logger.propagate = False
+    try:
+        elastic_launch(config=config, entrypoint=entrypoint)(*cmd_args)
+    finally:
+        if hold_logs is not None:
+            logger.removeHandler(hold_logs)
+            logger.propagate = propagate
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Launch the job described by ``argv`` (dfit-launch's command line); returns the exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import config_from_args, parse_min_max_nnodes
 
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
     nproc = resolve_nproc(args.nproc_per_node)
     args.nproc_per_node = str(nproc)
 
@@ -112,35 +147,80 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 2
 
     config, cmd, cmd_args = config_from_args(args)
-    if not args.no_python and not args.run_path:
-        # python -u [-m] script args  ->  python -u -m dfit.launch --dfit-worker [-m] script args
+    wrapped = not args.no_python and not args.run_path
+    brief = wrapped and not args.verbose_errors
+    if wrapped:
+        # python -u [-m] script args  ->  python -u -m dfit.launch --dfit-worker [options] [-m] script args
+        torchrun_filters = args.tee != "0" or args.redirects != "0" or bool(args.local_ranks_filter)
+        options = [f"{WORKER_OPTION}stdout={'all' if args.all_ranks_output or torchrun_filters else 'rank0'}",
+                   f"{WORKER_OPTION}errors={'brief' if brief else 'full'}"]
         rest = cmd_args[1:]  # drop "-u"
-        cmd_args = ["-u", "-m", "dfit.launch", WORKER_FLAG, *rest]
+        cmd_args = ["-u", "-m", "dfit.launch", WORKER_FLAG, *options, *rest]
+    held = _HeldRecords() if brief else None
     try:
-        elastic_launch(config=config, entrypoint=cmd)(*cmd_args)
+        _launch(config, cmd, cmd_args, held)
     except ChildFailedError as err:
-        sys.stderr.write(_failure_report(err) + "\n")
+        if brief:
+            path = launch_errors.save_report(args.error_report or launch_errors.default_report_path(args.log_dir),
+                                             err, ["dfit-launch", *argv], held.lines)
+            report = launch_errors.brief_report(err, path)
+        else:
+            report = launch_errors.full_report(err)
+        sys.stderr.write(report + "\n")
         sys.stderr.flush()
         code = err.get_first_failure()[1].exitcode
         return code if 0 < code < 256 else 1
     except SignalException as exc:  # the launcher itself was told to stop (scancel, Ctrl-C, kill)
         sys.stderr.write(f"dfit-launch: received {exc.sigval.name}; every rank was ended\n")
         return 128 + int(exc.sigval)
+    if held is not None and held.lines:  # no failure in the end (e.g. after a restart): nothing is hidden
+        sys.stderr.write("\n".join(held.lines) + "\n")
     return 0
 
 
+def _silence_stdout() -> None:
+    """Send this process's stdout (Python's and the C library's, and its children's) to the null device."""
+    sys.stdout.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+
+
+def _record_quietly(exc: Exception) -> None:
+    """Write ``exc`` to torch elastic's error file (the launcher reports it) instead of printing it here;
+    print a short form only when a restart will follow (the launcher's final report will not show it)."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    ErrorHandler().record_exception(exc)
+    restarts_left = (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+                     - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    if restarts_left > 0:
+        callstack = "".join(traceback.format_exception(exc))
+        lines = [f"dfit-launch: rank {os.environ.get('RANK', '?')} failed (a restart follows): "
+                 f"{type(exc).__name__}: {exc}", *launch_errors.short_traceback(callstack)]
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+
+
 def _worker(argv: list[str]) -> None:
-    """Inside one worker: run the user's script (or ``-m module``) as ``__main__`` under errors.record."""
+    """Inside one worker: run the user's script (or ``-m module``) as ``__main__``; its exception is recorded
+    for the launcher (torch elastic's error file), and printed here too with ``--dfit-errors=full``."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    options = {}
+    while argv and argv[0].startswith(WORKER_OPTION) and "=" in argv[0]:
+        key, value = argv[0][len(WORKER_OPTION):].split("=", 1)
+        options[key] = value
+        argv = argv[1:]
     module = bool(argv) and argv[0] == "-m"
     if module:
         argv = argv[1:]
     if not argv:
         raise SystemExit("dfit-launch worker: no script given")
     target, script_args = argv[0], argv[1:]
+    if options.get("stdout") == "rank0" and os.environ.get("RANK", "0") != "0":
+        _silence_stdout()
 
-    @record
     def main() -> None:
         sys.argv = [target, *script_args]
         if module:
@@ -150,7 +230,14 @@ def _worker(argv: list[str]) -> None:
             sys.path[0] = os.path.dirname(os.path.abspath(target))
             runpy.run_path(target, run_name="__main__")
 
-    main()
+    if options.get("errors") != "brief":
+        record(main)()
+        return
+    try:
+        main()
+    except Exception as exc:  # SystemExit and KeyboardInterrupt pass, as under errors.record
+        _record_quietly(exc)
+        sys.exit(1)  # what an unhandled exception exits with
 
 
 def main(argv: Sequence[str] | None = None) -> None:

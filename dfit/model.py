@@ -20,6 +20,7 @@ from . import losses as losses_mod
 from . import metrics as metrics_mod
 from . import optimizers, serialization
 from .callbacks import Callback, CallbackList, History, ProgbarLogger
+from .callbacks.progbar import is_interactive, with_progbar
 from .engine import PRECISIONS, Engine
 from .data.sharding import batch_size_for, epoch_batches
 from .metrics import MetricSet
@@ -35,8 +36,8 @@ def _check_positive_int(value: Any, name: str, allow_none: bool = True) -> None:
 
 
 def _resolve_verbose(verbose: Any) -> int:
-    if verbose == "auto":
-        return 1 if sys.stdout.isatty() else 2
+    if verbose == "auto":  # Keras: 1; dfit: 2 where no bar can be redrawn (a log file, a Slurm batch job)
+        return 1 if is_interactive(sys.stdout) else 2
     if verbose not in (0, 1, 2, True, False):
         raise ValueError(f"verbose must be 0, 1, 2 or 'auto'; got {verbose!r}")
     return int(verbose)
@@ -289,17 +290,8 @@ class Model:
         engine = self._get_engine()
         batch_size = batch_size_for(data.n, batch_size, steps)
         n_steps = min(steps or data.steps_per_pass(batch_size), data.steps_per_pass(batch_size))
-        callback_list = CallbackList(callbacks, self, {"verbose": verbose, "steps": n_steps})
-        import time
-
-        start = time.monotonic()
+        callback_list = CallbackList(with_progbar(callbacks, verbose), self, {"verbose": verbose, "steps": n_steps})
         logs = self._run_test(engine, data, batch_size, steps, tracker, callback_list, output_names)
-        if verbose and dist.is_chief():
-            from .callbacks.progbar import format_duration, format_logs, format_per_step
-
-            elapsed = time.monotonic() - start
-            print(f"{n_steps}/{n_steps} - {format_duration(elapsed)} {format_per_step(elapsed / n_steps)}"
-                  f"{format_logs(logs)}")
         return _keras_result(logs, return_dict)
 
     def predict(self, x: Any, batch_size: int | None = None, verbose: Any = 0, steps: int | None = None,
@@ -314,9 +306,9 @@ class Model:
                  callbacks: list[Callback] | None) -> Any:
         self._remember_example(data)
         engine = self._get_engine()
-        per_pass = data.steps_per_pass(batch_size)
-        callback_list = CallbackList(callbacks, self, {"verbose": _resolve_verbose(verbose),
-                                                       "steps": min(steps or per_pass, per_pass)})
+        verbose, per_pass = _resolve_verbose(verbose), data.steps_per_pass(batch_size)
+        callback_list = CallbackList(with_progbar(callbacks, verbose), self,
+                                     {"verbose": verbose, "steps": min(steps or per_pass, per_pass)})
         callback_list.call("on_predict_begin", {})
         batches = data.epoch(0, batch_size, steps, False, 0, dist.rank(), dist.world_size())
         out = engine.predict(batches, callback_list)

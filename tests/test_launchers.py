@@ -111,6 +111,9 @@ def test_dfit_launch_max_restarts_recovers(reference, tmp_path):
                                           "--fail-once-marker", marker])
     assert res.returncode == 0, res.stderr[-3000:]
     assert marker.exists(), "the first attempt did not fail as planned"
+    # the restarted attempt's failure is shown briefly by the worker (no final report will show it)
+    assert "dfit-launch: rank 1 failed (a restart follows): ValueError: injected failure" in res.stderr
+    assert "raise ValueError" in res.stderr and "Root Cause" not in res.stderr
     got = _load(out)
     assert got["restart"] == "1" and got["world_size"] == 2
     assert_same_history(got["history"], reference["history"])
@@ -271,11 +274,95 @@ def test_failing_rank_ends_job_elastic(launcher, tag, tmp_path):
     stamp = tmp_path / "stamp"
     res = run(_launcher(launcher) + [TRAIN, "--fail-rank", "1", "--fail-stamp", stamp, "--tag", tag], timeout=110)
     took = _check_failure(res, tag, stamp, launcher)
-    assert "Root Cause" in res.stderr  # torch's report, with the worker's traceback from the error file
     assert "raise ValueError" in res.stderr, "the failing rank's traceback did not reach the launcher"
-    if launcher == "dfit-launch":
+    if launcher == "dfit-launch":  # the short report; torch's full one is in the file it names
         assert "dfit-launch: rank 1 (local rank 1) failed with exit code 1 (first failure): ValueError" in res.stderr
+        assert "Root Cause" not in res.stderr and "[rank0]" not in res.stderr
+        full = Path(res.stderr.strip().splitlines()[-1].rsplit(": ", 1)[1]).read_text()
+        assert "Root Cause" in full and "raise ValueError" in full
+    else:
+        assert "Root Cause" in res.stderr  # torch's report, with the worker's traceback from the error file
     assert took < 30
+
+
+# ----------------------------------------------------------------------------------------------------
+# dfit-launch's defaults: rank 0's stdout, every rank's stderr, a short failure report
+
+RANKS_PRINT = textwrap.dedent("""
+    import os, sys, time
+    rank = int(os.environ["RANK"])
+
+    def load(step):
+        if rank == 1 and step == 2:
+            raise ValueError(f"bad shard {step} on rank {rank}")
+
+    def train():
+        for step in range(3):
+            load(step)
+
+    print("hello from a rank", flush=True)
+    print(f"a warning from rank {rank}", file=sys.stderr, flush=True)
+    if "--fail" in sys.argv:
+        if rank == 0:
+            time.sleep(60)      # ended by the launcher when rank 1 fails
+        train()
+""")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flags, copies", [([], 1), (["--all-ranks-output"], 2)], ids=["default", "all-ranks"])
+def test_dfit_launch_stdout_from_rank_0_unless_asked(flags, copies, tmp_path):
+    script = tmp_path / "ranks_print.py"
+    script.write_text(RANKS_PRINT)
+    res = run(_launcher("dfit-launch") + flags + [script], timeout=100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("hello from a rank") == copies, res.stdout
+    assert "a warning from rank 0" in res.stderr and "a warning from rank 1" in res.stderr  # stderr: every rank
+
+
+@pytest.mark.timeout(120)
+def test_dfit_launch_short_failure_report(tag, tmp_path):
+    script = tmp_path / "ranks_print.py"
+    script.write_text(RANKS_PRINT)
+    report = tmp_path / "logs" / "failure.log"
+    res = run(_launcher("dfit-launch") + ["--error-report", report, script, "--fail", "--tag", tag], timeout=100)
+    assert res.returncode == 1
+    lines = [line for line in res.stderr.splitlines() if "a warning from rank" not in line]
+    assert len(lines) <= 11, res.stderr
+    assert lines[0] == ("dfit-launch: rank 1 (local rank 1) failed with exit code 1 (first failure): "
+                        "ValueError: bad shard 2 on rank 1"), lines
+    assert lines[1:] == [
+        "Traceback (most recent call last):",
+        f'  File "{script}", line 18, in <module>',
+        "    train()",
+        f'  File "{script}", line 11, in train',
+        "    load(step)",
+        f'  File "{script}", line 7, in load',
+        '    raise ValueError(f"bad shard {step} on rank {rank}")',
+        "dfit-launch: rank 0 ended by the launcher after the first failure",
+        f"dfit-launch: the job failed; full report (every rank, whole tracebacks): {report}",
+    ], res.stderr
+    full = report.read_text()
+    assert "Root Cause" in full and "Traceback (most recent call last)" in full and "in <module>" in full
+    assert "rank 1 (local rank 1) failed with exit code 1 (first failure): ValueError: bad shard 2" in full
+    assert not wait_no_process(tag, timeout=10)
+
+
+@pytest.mark.timeout(120)
+def test_dfit_launch_verbose_errors_prints_the_full_report(tmp_path):
+    script = tmp_path / "ranks_print.py"
+    script.write_text(RANKS_PRINT)
+    res = run(_launcher("dfit-launch") + ["--verbose-errors", script, "--fail"], timeout=100)
+    assert res.returncode == 1
+    assert "Root Cause" in res.stderr and "in <module>" in res.stderr and "full report" not in res.stderr
+    assert "dfit-launch: rank 1 (local rank 1) failed with exit code 1 (first failure): ValueError" in res.stderr
+
+
+def test_dfit_launch_help_documents_its_flags():
+    res = run(_launcher("dfit-launch")[:-2] + ["--help"], timeout=60)
+    assert res.returncode == 0
+    for flag in ("--all-ranks-output", "--verbose-errors", "--error-report", "--nproc-per-node"):
+        assert flag in res.stdout, flag
 
 
 @pytest.mark.timeout(120)

@@ -77,9 +77,9 @@ def test_evaluate_steps_and_callbacks():
 def test_evaluate_verbose_prints_one_summary_line(capsys):
     x, y = _data()
     model = frozen_model(Recorder(w=0.5), metrics=["mae"])
-    loss, mae = model.evaluate(x, y, verbose=1, batch_size=4)
+    loss, mae = model.evaluate(x, y, verbose=2, batch_size=4)
     out = capsys.readouterr().out
-    assert out.startswith("3/3 - ") and f"loss: {loss:.4f} - mae: {mae:.4f}" in out
+    assert out.startswith("3/3 - ") and out.count("\n") == 1 and f"loss: {loss:.4f} - mae: {mae:.4f}" in out
     model.evaluate(x, y, verbose=0)
     assert capsys.readouterr().out == ""
 
