@@ -3,7 +3,12 @@
 A training step: this rank's part of the global batch -> device -> forward (through DDP when N > 1)
 -> per-sample losses, weighted, summed and scaled by ``world / global_batch`` -> backward (DDP all-reduces
 the gradients) -> optimizer step -> metrics accumulate on the device. No other collective and no host
-synchronisation happens on a step; epoch logs come from one all-reduce at the end of the epoch.
+synchronisation happens on a step (except the two small all-reduces of each BatchNorm layer on N ranks, see
+``batchnorm``); epoch logs come from one all-reduce at the end of the epoch.
+
+On N ranks with ``find_unused_parameters=None`` the very first training step runs without DDP and its
+gradients are averaged by ``unused.average_first_step``, which also tells whether DDP must look for
+parameters without a gradient; DDP is built right after that step.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from . import batchnorm, unused
 from . import distributed as dist
 from .callbacks.base import CallbackList, LazyLogs
 from .data import Batch
@@ -62,7 +68,12 @@ class Engine:
         self.world = dist.world_size()
         self.rank = dist.rank()
         model.module.to(self.device)
+        # Global-batch BatchNorm statistics on N ranks (one traversal here, none per step).
+        self.synced_batchnorms = batchnorm.set_synchronized(model.module, model.sync_batchnorm and self.world > 1)
+        # None until decided: auto mode decides on the first training step (see _first_step_unused).
+        self.find_unused_parameters: bool | None = model.find_unused_parameters if self.world > 1 else False
         self._ddp: torch.nn.Module | None = None
+        self._states_synced = False
         self._compiled: torch.nn.Module | None = None
         self._seeds: dict[tuple[float, torch.dtype], torch.Tensor] = {}
         dtype = PRECISIONS[model.precision]
@@ -72,16 +83,33 @@ class Engine:
     # -- modules ---------------------------------------------------------------------------------------
     @property
     def train_module(self) -> torch.nn.Module:
-        """The module a training step runs: DDP-wrapped on N ranks, torch.compile'd if asked."""
+        """The module a training step runs: DDP-wrapped on N ranks, torch.compile'd if asked.
+
+        In auto mode (``find_unused_parameters=None``) on N ranks, before the first training step has decided
+        whether DDP must look for unused parameters, this is the plain module, its parameters and buffers
+        broadcast from rank 0 as DDP's constructor would (``train_epoch`` then averages that step's gradients).
+        """
         if self._ddp is None:
+            if self.find_unused_parameters is None:
+                if not self._states_synced:
+                    unused.broadcast_state(self.model.module)
+                    self._states_synced = True
+                return self.model.module
             module = self.model.module
             if self.world > 1:
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                module = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True)
+                module = DistributedDataParallel(module, device_ids=ids, gradient_as_bucket_view=True,
+                                                 find_unused_parameters=self.find_unused_parameters)
             if self.model.jit_compile:
                 module = torch.compile(module)
             self._ddp = module
         return self._ddp
+
+    def _settle_unused_parameters(self) -> torch.nn.Module:
+        """Auto mode, after the first backward on N ranks: average its gradients as DDP would, decide whether
+        DDP must look for unused parameters (the same answer on every rank) and build DDP."""
+        self.find_unused_parameters = unused.average_first_step(self.model.module, self.world)
+        return self.train_module
 
     @property
     def eval_module(self) -> torch.nn.Module:
@@ -150,18 +178,28 @@ class Engine:
         has_metrics = bool(tracker.metrics)
         self.model.module.train()
         tracker.reset(self.device)
+        probing = self.find_unused_parameters is None  # auto mode's first step on N ranks: no DDP yet
         with global_batch_decisions(self.world > 1):
             for step, batch in enumerate(self._prefetched(batches)):
                 if wants_batches:
                     callbacks.batch_begin("train", step)
-                with self.autocast():
-                    y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
+                try:
+                    with self.autocast():
+                        y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
+                except RuntimeError as error:
+                    if unused.is_unused_error(error):  # DDP's error about the previous step, in our words
+                        raise unused.unused_error(self.model.module, self.model.find_unused_parameters) from None
+                    raise
                 optimizer.zero_grad(set_to_none=True)
                 if self.scaler is None:
                     loss.value.backward(self._seed(loss))  # the gradient of value * scale, without a multiply
+                    if probing:
+                        module, probing = self._settle_unused_parameters(), False
                     optimizer.step()
                 else:
                     self.scaler.scale(loss.objective).backward()
+                    if probing:
+                        module, probing = self._settle_unused_parameters(), False
                     self.scaler.step(optimizer)
                     self.scaler.update()
                 tracker.update_loss(loss.parts, batch.size)

@@ -86,6 +86,8 @@ class Model:
         self.compiled = False
         self.precision = "32"
         self.jit_compile = False
+        self.sync_batchnorm = True
+        self.find_unused_parameters: bool | None = None
         self._compile_args: dict[str, Any] = {}
         self._losses: dict[tuple[str, ...], losses_mod.CompiledLoss] = {}
         self._engine: Engine | None = None
@@ -94,10 +96,22 @@ class Model:
     # -- compile ---------------------------------------------------------------------------------------
     def compile(self, optimizer: Any = "rmsprop", loss: Any = None, metrics: Any = None, loss_weights: Any = None,
                 weighted_metrics: Any = None, sample_weight_mode: str | None = None, jit_compile: bool = False,
-                precision: str = "32", **kwargs: Any) -> None:
-        """Configure training, as Keras. Names are checked here, before any process talks to another."""
+                precision: str = "32", sync_batchnorm: bool = True, find_unused_parameters: bool | None = None,
+                **kwargs: Any) -> None:
+        """Configure training, as Keras. Names are checked here, before any process talks to another.
+
+        Two options of N-rank training (no effect on one process):
+        ``sync_batchnorm`` (default True): BatchNorm layers normalise by the statistics of the GLOBAL batch,
+        so N ranks give one rank's result; False uses each rank's own rows (faster, changes the result).
+        ``find_unused_parameters`` (default None: found on the first training step): whether DDP must expect
+        trainable parameters that get no gradient in a step; True/False force it.
+        """
         if kwargs:
             raise TypeError(f"compile() got unexpected arguments {sorted(kwargs)}")
+        if not isinstance(sync_batchnorm, bool):
+            raise TypeError(f"sync_batchnorm must be True or False; got {sync_batchnorm!r}")
+        if find_unused_parameters is not None and not isinstance(find_unused_parameters, bool):
+            raise TypeError(f"find_unused_parameters must be None, True or False; got {find_unused_parameters!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}; got {precision!r}")
         if sample_weight_mode not in (None, "temporal"):
@@ -115,8 +129,10 @@ class Model:
         self.optimizer = optimizers.build(optimizer, self.module.parameters())
         self._compile_args = dict(optimizer=optimizer if isinstance(optimizer, str) else None, loss=loss,
                                   metrics=metrics, loss_weights=loss_weights, weighted_metrics=weighted_metrics,
-                                  sample_weight_mode=sample_weight_mode, jit_compile=jit_compile, precision=precision)
+                                  sample_weight_mode=sample_weight_mode, jit_compile=jit_compile, precision=precision,
+                                  sync_batchnorm=sync_batchnorm, find_unused_parameters=find_unused_parameters)
         self.precision, self.jit_compile = precision, bool(jit_compile)
+        self.sync_batchnorm, self.find_unused_parameters = sync_batchnorm, find_unused_parameters
         self._losses = {}
         self._engine = None
         self.compiled = True
