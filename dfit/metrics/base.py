@@ -18,7 +18,9 @@ STATE_DTYPE = torch.float64  # states default to float64: exact sums and counts 
 
 
 def snake_case(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    """Keras' snake case of a class name: "MeanAbsoluteError" -> "mean_absolute_error", "AUC" -> "auc"."""
+    words = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", words).lower()
 
 
 class Variable(torch.Tensor):
@@ -41,6 +43,11 @@ class Variable(torch.Tensor):
     def assign_sub(self, value: Any) -> "Variable":
         self.sub_(torch.as_tensor(value, device=self.device).to(self.dtype))
         return self
+
+    def __deepcopy__(self, memo: dict) -> "Variable":
+        copied = self.value.detach().clone().as_subclass(Variable)
+        memo[id(self)] = copied
+        return copied
 
     @property
     def value(self) -> torch.Tensor:

@@ -325,7 +325,7 @@ class MetricSet:
                 v.copy_(values[offset:offset + v.numel()].reshape(v.shape).to(v.device, v.dtype))
                 offset += v.numel()
             try:
-                return metric.result()
+                return _plain(metric.result())  # now: result() may be a view of a state restored below
             finally:
                 for v, saved in zip(variables, local):
                     v.copy_(saved)

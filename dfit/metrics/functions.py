@@ -1,6 +1,8 @@
 """Keras' metric functions: per-sample values ``fn(y_true, y_pred) -> (batch,)`` (the last axis reduced)."""
 from __future__ import annotations
 
+import torch
+
 from .. import losses as L
 
 __all__ = ["accuracy", "binary_accuracy", "categorical_accuracy", "sparse_categorical_accuracy",
@@ -16,7 +18,7 @@ def _sparse_labels(y_true, y_pred):
 def accuracy(y_true, y_pred):
     """How often predictions equal targets exactly (per sample: the fraction of equal entries)."""
     y_true = L.align_targets(y_pred, y_true)
-    equal = (y_true == y_pred).to(y_pred.dtype if y_pred.is_floating_point() else y_true.dtype)
+    equal = (y_true == y_pred).to(y_pred.dtype if y_pred.is_floating_point() else torch.float64)
     return equal.mean(dim=-1) if equal.dim() > 1 else equal
 
 
