@@ -135,6 +135,7 @@ class Model:
         self.sync_batchnorm, self.find_unused_parameters = sync_batchnorm, find_unused_parameters
         self._losses = {}
         self._engine = None
+        self._metrics_names = None
         self.compiled = True
 
     def compiled_loss(self, output_names: list[str]) -> losses_mod.CompiledLoss | losses_mod.ModelComputedLoss:
@@ -149,7 +150,21 @@ class Model:
 
     def _metric_set(self, output_names: list[str]) -> MetricSet:
         args = self._compile_args
-        return MetricSet(self.compiled_loss(output_names), args["metrics"], args["weighted_metrics"], output_names)
+        metric_set = MetricSet(self.compiled_loss(output_names), args["metrics"], args["weighted_metrics"],
+                               output_names)
+        self._metrics_names = metric_set.names
+        return metric_set
+
+    @property
+    def metrics_names(self) -> list[str]:
+        """The log keys of the last compiled configuration used (``['loss', 'mae', ...]``, no ``val_``).
+
+        Keras 3 returns ``['loss', 'compile_metrics']``; dfit returns the names the logs actually carry. They
+        depend on the outputs (per-output prefixes), so before the first fit/evaluate after ``compile()`` only
+        ``['loss']`` is known (``[]`` when not compiled)."""
+        if getattr(self, "_metrics_names", None) is not None:
+            return list(self._metrics_names)
+        return ["loss"] if getattr(self, "compiled", False) else []
 
     def _float_dtype(self) -> torch.dtype:
         for p in self.module.parameters():

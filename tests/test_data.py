@@ -85,7 +85,7 @@ def _two_output_data(n=7):
 
 def test_multi_output_list_with_per_output_losses_and_loss_weights():
     x, y1, y2, p1, p2 = _two_output_data()
-    model = frozen_model(TwoOutputs(False), loss=["mse", "mae"], loss_weights=[2.0, 0.5], metrics=["mse"])
+    model = frozen_model(TwoOutputs(False), loss=["mse", "mae"], loss_weights=[2.0, 0.5], metrics=["mse", "mse"])
     history = model.fit(x, [y1, y2], epochs=1, batch_size=3, verbose=0, validation_split=0.3)
     logs = {k: v[0] for k, v in history.history.items()}
     assert list(logs) == ["loss", "output_1_loss", "output_2_loss", "output_1_mse", "output_2_mse",

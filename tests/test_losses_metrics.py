@@ -267,13 +267,16 @@ def test_accuracy_resolves_to_binary_accuracy_for_binary_crossentropy():
     assert list(logs) == ["loss", "acc"] and logs["acc"] == pytest.approx(4 / 6)
 
 
-def test_accuracy_threshold_is_zero_for_logits():
-    z = np.array([[-0.5], [0.3], [2.0], [-2.0], [0.1]])
-    t = np.array([[0.0], [0.0], [1.0], [1.0], [1.0]])
+def test_accuracy_threshold_is_half_even_for_logits_as_keras_3():
+    """Keras 3 resolves 'accuracy' from shapes only: a single-unit output gets BinaryAccuracy(threshold=0.5),
+    whatever the loss's from_logits says."""
+    z = np.array([[-0.5], [0.3], [2.0], [-2.0], [0.1], [0.4]])
+    t = np.array([[0.0], [1.0], [1.0], [1.0], [1.0], [0.0]])
+    assert ((z > 0.5) == t).mean() != ((z > 0) == t).mean()
     logs = _fit_logs(Identity(), L.BinaryCrossentropy(from_logits=True), z, t, metrics=["accuracy"])
-    assert logs["accuracy"] == pytest.approx(((z > 0) == t).mean())
-    logs = _fit_logs(Identity(), nn.BCEWithLogitsLoss(), z, t, metrics=["accuracy"])
-    assert logs["accuracy"] == pytest.approx(((z > 0) == t).mean())
+    assert logs["accuracy"] == pytest.approx(((z > 0.5) == t).mean())
+    logs = _fit_logs(Identity(), nn.BCEWithLogitsLoss(), z, t, metrics=["acc"])
+    assert logs["acc"] == pytest.approx(((z > 0.5) == t).mean())
 
 
 def test_accuracy_resolves_to_categorical_and_sparse_categorical():
@@ -414,10 +417,10 @@ def test_per_output_metrics_for_multi_output_models():
 
 
 def test_metrics_get_accepts_names_and_rejects_unknown_directly():
-    m = M.get("mae", weighted=False, output=0, loss_fn=None)
-    assert m.name == "mae"
-    with pytest.raises(ValueError):
-        M.get("nope", weighted=False, output=0, loss_fn=None)
+    m = M.get("mae")
+    assert m.name == "mae" and isinstance(m, M.MeanMetricWrapper)
+    with pytest.raises(ValueError, match="Unknown metric 'nope'"):
+        M.get("nope")
 
 
 def test_fixed_linear_helper_sanity():
