@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from dfit import distributed as dd
 from dfit.distributed import LaunchInfo, detect, first_host, slurm_port
 
-from conftest import REPO, launch_env
+from conftest import launch_env, run_job
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
             "MASTER_ADDR": "node1", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "abc",
@@ -172,8 +171,8 @@ def test_failure_hook_names_rank_and_records_error_file(tmp_path):
     """Under torchrun the hook writes torch elastic's error file (what errors.record would write)."""
     err = tmp_path / "error.json"
     code = "import dfit.distributed\nraise KeyError('lost')\n"
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
-                         env=launch_env(**{**TORCHRUN, "RANK": "1", "TORCHELASTIC_ERROR_FILE": str(err)}))
+    res = run_job([sys.executable, "-c", code], timeout=60,
+                  env=launch_env(**{**TORCHRUN, "RANK": "1", "TORCHELASTIC_ERROR_FILE": str(err)}))
     assert res.returncode == 1
     assert "[dfit] rank 1 of 4 (torchrun) failed with an unhandled KeyError" in res.stderr
     assert "KeyError: 'lost'" in err.read_text()
