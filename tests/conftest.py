@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,33 @@ def launch_env(**extra: str) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
+
+
+def run_job(cmd: list[str], timeout: float, env: dict | None = None, cwd: str | Path = REPO,
+            **popen: object) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a new session (its own process group) and return its CompletedProcess (text output).
+
+    On a timeout the whole group is killed (the command and every process it started: a launcher's workers
+    cannot outlive it) and an AssertionError carries what it printed so far."""
+    proc = subprocess.Popen(cmd, env=env if env is not None else launch_env(), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd} did not end within {timeout} s; its process group was killed.\n"
+                             f"stdout:\n{out}\nstderr:\n{err}") from None
+    finally:
+        _kill_group(proc.pid)  # what the command left running in its group
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def pids_with(token: str) -> list[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from dfit import distributed as dd
 from dfit.distributed import LaunchInfo, detect, first_host, slurm_port
 
-from conftest import REPO, launch_env
+from conftest import launch_env, run_job
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
             "MASTER_ADDR": "node1", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "abc",
@@ -32,6 +31,18 @@ INTEL_MPI = {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCA
              "I_MPI_ROOT": "/opt/intel/mpi", "I_MPI_HYDRA_TOPOLIB": "hwloc"}
 MVAPICH = {"MV2_COMM_WORLD_RANK": "2", "MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_LOCAL_RANK": "0",
            "MV2_COMM_WORLD_LOCAL_SIZE": "2"}
+
+
+def documented_slurm_port(job_id: int, step_id: int) -> int:
+    """The rule of slurm_port's docstring, written out: 20000 + (job * 31 + step) mod 12768, i.e. a port in
+    20000-32767 (below Linux's ephemeral range) that differs between the steps of one job."""
+    return 20000 + (job_id * 31 + step_id) % 12768
+
+
+# SRUN_STEP is step 0 of job 4242: 4242 * 31 = 131502 = 10 * 12768 + 3822.
+SRUN_STEP_PORT = 23822
+assert documented_slurm_port(4242, 0) == SRUN_STEP_PORT
+
 SPAWN = {"DFIT_SPAWN": "1", "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
          "MASTER_PORT": "12345"}
 
@@ -55,7 +66,7 @@ def test_srun_step():
     assert info.environment == "slurm"
     assert (info.rank, info.local_rank, info.world_size, info.local_world_size) == (3, 1, 4, 2)
     assert info.master_addr == "gpu07"
-    assert info.master_port == slurm_port("4242", "0")
+    assert info.master_port == SRUN_STEP_PORT
 
 
 def test_srun_step_master_port_and_addr_can_be_given():
@@ -123,8 +134,11 @@ def test_tasks_per_node():
 def test_slurm_port_range_and_steps():
     ports = {slurm_port(j, s) for j in range(1000, 1100) for s in range(3)}
     assert all(20000 <= p < 32768 for p in ports)  # below Linux's ephemeral range
-    assert slurm_port(7, 0) != slurm_port(7, 1)
-    assert slurm_port("123") == slurm_port(123, 0)
+    for job in (0, 7, 123, 4242, 99999):
+        for step in (0, 1, 2):
+            assert slurm_port(job, step) == documented_slurm_port(job, step)
+    assert (slurm_port(7, 0), slurm_port(7, 1)) == (20217, 20218)
+    assert slurm_port("123") == 23813 and slurm_port("123", "batch") == 23813  # a string; a non-numeric step is 0
 
 
 @pytest.mark.parametrize("env, want", [(SBATCH_SHELL, ("local", 0, 1, 0)), (SRUN_STEP, ("slurm", 3, 4, 1)),
@@ -142,7 +156,12 @@ def test_backend_and_timeout_overrides(monkeypatch):
     monkeypatch.setenv("DFIT_BACKEND", "gloo")
     assert dd._choose_backend() == "gloo"
     monkeypatch.delenv("DFIT_BACKEND")
-    assert dd._choose_backend() == ("nccl" if __import__("torch").cuda.is_available() else "gloo")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dd._choose_backend() == "gloo"  # CPUs talk gloo
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dd._choose_backend() == "nccl"  # GPUs talk NCCL
     monkeypatch.setenv("DFIT_TIMEOUT", "42")
     assert dd._timeout(None).total_seconds() == 42
     assert dd._timeout(5).total_seconds() == 5
@@ -152,8 +171,8 @@ def test_failure_hook_names_rank_and_records_error_file(tmp_path):
     """Under torchrun the hook writes torch elastic's error file (what errors.record would write)."""
     err = tmp_path / "error.json"
     code = "import dfit.distributed\nraise KeyError('lost')\n"
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
-                         env=launch_env(**{**TORCHRUN, "RANK": "1", "TORCHELASTIC_ERROR_FILE": str(err)}))
+    res = run_job([sys.executable, "-c", code], timeout=60,
+                  env=launch_env(**{**TORCHRUN, "RANK": "1", "TORCHELASTIC_ERROR_FILE": str(err)}))
     assert res.returncode == 1
     assert "[dfit] rank 1 of 4 (torchrun) failed with an unhandled KeyError" in res.stderr
     assert "KeyError: 'lost'" in err.read_text()
@@ -161,14 +180,19 @@ def test_failure_hook_names_rank_and_records_error_file(tmp_path):
     assert 'File "<string>", line 2' in stack  # the real traceback, not "NoneType: None"
 
 
-def test_resolve_nproc():
+@pytest.mark.parametrize("cuda, gpus, want", [(False, 0, 1), (True, 0, 1), (True, 1, 1), (True, 4, 4)],
+                         ids=["no-cuda", "cuda-no-gpu", "one-gpu", "four-gpus"])
+def test_resolve_nproc(cuda, gpus, want, monkeypatch):
+    """The documented rule: ``auto`` is one process per visible GPU, else 1; a number is that number."""
     from dfit.launch import resolve_nproc
 
     import torch
 
-    assert resolve_nproc("auto") == max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    assert resolve_nproc("3") == 3
-    with pytest.raises(ValueError):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert resolve_nproc("auto") == want
+    assert resolve_nproc("3") == 3 and resolve_nproc(2) == 2
+    with pytest.raises(ValueError, match=r"--nproc-per-node must be >= 1, got 0"):
         resolve_nproc("0")
 
 
@@ -182,7 +206,7 @@ def test_srun_with_pmi2_is_mpi_and_needs_no_mpi4py(monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(dd, "_mpi_module", lambda: None)
     got, store = dd._mpi_rendezvous(info, __import__("datetime").timedelta(seconds=5))
-    assert store is None and (got.master_addr, got.master_port) == ("gpu07", slurm_port("4242", "0"))
+    assert store is None and (got.master_addr, got.master_port) == ("gpu07", SRUN_STEP_PORT)
     monkeypatch.setenv("SLURM_PROCID", "0")  # Slurm disagrees (mpiexec's proxies): no silent guess
     with pytest.raises(RuntimeError, match="mpi4py is not installed"):
         dd._mpi_rendezvous(info, __import__("datetime").timedelta(seconds=5))

@@ -111,7 +111,7 @@ def test_load_weights_into_the_wrong_architecture_fails(tmp_path):
     model, _, _ = _trained_sequential()
     model.save_weights(str(tmp_path / "w.pt"))
     wrong = dfit.Sequential([nn.Linear(3, 4, dtype=F64)])
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"size mismatch for linear\.weight"):
         wrong.load_weights(str(tmp_path / "w.pt"))
 
 
@@ -134,9 +134,9 @@ def test_loading_never_unpickles_code(tmp_path):
     with open(path, "wb") as fh:
         pickle.dump({"state_dict": _Exploit()}, fh)
     model = dfit.Sequential([nn.Linear(1, 1)])
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         model.load_weights(path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         dfit.load_model(path)
 
 

@@ -1,0 +1,173 @@
+"""History.plot / dfit.plotting, History.to_dataframe and fit's view_metrics (API.md section 5).
+
+The figures are inspected as matplotlib objects (axes, lines, their data), never as pixels."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display in tests; set before pyplot is imported anywhere
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import dfit  # noqa: E402
+import dfit.plotting  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    plt.close("all")
+    yield
+    plt.close("all")
+
+
+def _fit(epochs: int = 3, **options):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=(20, 1))
+    torch.manual_seed(0)
+    model = dfit.Sequential([nn.Linear(3, 1, dtype=torch.float64)])
+    model.compile(optimizer=torch.optim.SGD(model.module.parameters(), lr=0.05), loss="mse", metrics=["mae"])
+    options.setdefault("verbose", 0)
+    return model, model.fit(x, y, batch_size=5, epochs=epochs, validation_split=0.25, **options)
+
+
+def _lines(ax) -> dict[str, tuple[list[float], list[float]]]:
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def _check_figure(fig, history: dict[str, list[float]], epochs: list[int]) -> None:
+    """One axes per metric, labelled by it, with a training and a validation line holding the history."""
+    names = [k for k in history if not k.startswith("val_")]
+    assert [ax.get_ylabel() for ax in fig.axes] == names
+    x = [e + 1 for e in epochs]  # epochs are shown counted from 1, as Keras prints them
+    for ax, name in zip(fig.axes, names):
+        lines = _lines(ax)
+        assert set(lines) == {"training", "validation"}, name
+        assert lines["training"] == (x, history[name])
+        assert lines["validation"] == (x, history[f"val_{name}"])
+    assert fig.axes[-1].get_xlabel() == "epoch"
+
+
+def test_history_plot_writes_a_png_with_one_axes_per_metric(tmp_path):
+    _, history = _fit()
+    assert list(history.history) == ["loss", "mae", "val_loss", "val_mae"]
+    path = tmp_path / "history.png"
+    fig = history.plot(path=str(path))
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert [p.name for p in tmp_path.iterdir()] == ["history.png"]  # the temporary file was renamed away
+    assert len(fig.axes) == 2
+    _check_figure(fig, history.history, history.epoch)
+    assert plt.get_fignums() == []  # a figure written to a file is closed
+
+
+def test_history_plot_without_a_path_returns_the_open_figure(tmp_path):
+    _, history = _fit(epochs=2)
+    fig = history.plot()
+    _check_figure(fig, history.history, history.epoch)
+    assert plt.get_fignums() == [fig.number]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_history_directly_with_a_metric_seen_only_in_validation(tmp_path):
+    history = {"loss": [3.0, 2.0, 1.0], "val_loss": [3.5, 2.5, 1.5], "val_auc": [0.6, 0.7, 0.8]}
+    fig = dfit.plotting.plot_history(history, [0, 1, 2], str(tmp_path / "p.png"))
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss", "auc"]
+    assert set(_lines(fig.axes[0])) == {"training", "validation"}
+    assert _lines(fig.axes[1]) == {"validation": ([1, 2, 3], [0.6, 0.7, 0.8])}
+
+
+def test_to_dataframe_is_indexed_by_epoch():
+    model, history = _fit(epochs=3)
+    frame = history.to_dataframe()
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns) == ["loss", "mae", "val_loss", "val_mae"]
+    assert frame.index.name == "epoch" and list(frame.index) == [0, 1, 2]
+    for key, values in history.history.items():
+        assert list(frame[key]) == values
+    # a second fit continuing from initial_epoch keeps Keras' epoch numbers
+    more = model.fit(np.zeros((4, 3)), np.zeros((4, 1)), epochs=5, initial_epoch=3, verbose=0)
+    assert list(more.to_dataframe().index) == [3, 4]
+
+
+class _PlotSpy:
+    """Wraps dfit.plotting.plot_history, recording (epochs plotted, path) of each call."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[int], str | None]] = []
+        self.real = dfit.plotting.plot_history
+
+    def __call__(self, history, epochs, path=None):
+        self.calls.append((list(epochs), path))
+        return self.real(history, epochs, path)
+
+
+@pytest.fixture
+def plot_spy(monkeypatch):
+    spy = _PlotSpy()
+    monkeypatch.setattr(dfit.plotting, "plot_history", spy)
+    return spy
+
+
+def test_view_metrics_path_writes_the_plot_after_every_epoch(tmp_path, plot_spy):
+    path = tmp_path / "live.png"
+    seen_at_epoch_begin = []
+
+    class WatchFile(dfit.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen_at_epoch_begin.append(path.exists())
+
+    _, history = _fit(epochs=3, view_metrics=str(path), callbacks=[WatchFile()])
+    assert plot_spy.calls == [([0], str(path)), ([0, 1], str(path)), ([0, 1, 2], str(path))]
+    assert seen_at_epoch_begin == [False, True, True]  # written at the end of epochs 0 and 1 already
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert plt.get_fignums() == []
+
+
+@pytest.mark.parametrize("verbose", [0, 1])
+def test_view_metrics_auto_does_nothing_outside_a_notebook(plot_spy, verbose, capsys):
+    assert not dfit.plotting.in_notebook()
+    _fit(epochs=3, verbose=verbose)
+    assert plot_spy.calls == [] and plt.get_fignums() == []
+
+
+@pytest.fixture
+def fake_notebook(monkeypatch):
+    """in_notebook() true, and IPython's display functions recording what they are given."""
+    from IPython import display
+
+    shown: list = []
+    monkeypatch.setattr(dfit.plotting, "in_notebook", lambda: True)
+    monkeypatch.setattr(display, "display", lambda fig: shown.append(fig))
+    monkeypatch.setattr(display, "clear_output", lambda wait=False: shown.append("clear"))
+    return shown
+
+
+def test_view_metrics_auto_in_a_notebook_redraws_every_epoch(plot_spy, fake_notebook, capsys):
+    _fit(epochs=3, verbose=1)
+    assert plot_spy.calls == [([0], None), ([0, 1], None), ([0, 1, 2], None)]
+    assert [type(item).__name__ if item != "clear" else item for item in fake_notebook] == ["clear", "Figure"] * 3
+    assert plt.get_fignums() == []  # each drawn figure is closed after display
+
+
+@pytest.mark.parametrize("options", [{"epochs": 1, "verbose": 1}, {"epochs": 3, "verbose": 0}],
+                         ids=["one-epoch", "silent"])
+def test_view_metrics_auto_in_a_notebook_needs_epochs_and_verbose(plot_spy, fake_notebook, options, capsys):
+    _fit(**options)
+    assert plot_spy.calls == [] and fake_notebook == []
+
+
+def test_view_metrics_false_disables_even_in_a_notebook(plot_spy, fake_notebook, tmp_path, capsys):
+    _fit(epochs=3, verbose=1, view_metrics=False)
+    assert plot_spy.calls == [] and fake_notebook == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_view_metrics_true_forces_the_live_plot(plot_spy, fake_notebook):
+    _fit(epochs=2, verbose=0, view_metrics=True)
+    assert plot_spy.calls == [([0], None), ([0, 1], None)]
