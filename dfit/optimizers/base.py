@@ -150,7 +150,7 @@ class KerasOptimizer(torch.optim.Optimizer):
         """The constructor arguments, in Keras' names (``learning_rate`` is the float or the schedule object)."""
         settings = self.param_groups[0] if self.bound else self.defaults
         config = {"name": self.name, "learning_rate": self._schedule if self._schedule is not None else settings["lr"]}
-        config.update({k: v for k, v in settings.items() if k not in ("params", "lr", "differentiable")})
+        config.update({k: settings[k] for k in self.defaults if k not in ("lr", "differentiable")})
         config.update(clipnorm=self.clipnorm, clipvalue=self.clipvalue, global_clipnorm=self.global_clipnorm)
         return config
 
