@@ -219,7 +219,7 @@ class KerasOptimizer(torch.optim.Optimizer):
             norms = [n for grads in grad_lists for n in torch._foreach_norm(grads)]
             total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
             # clipnorm / max(total, clipnorm); a non-finite total makes the scale NaN, as in Keras
-            scale = self.global_clipnorm * torch.minimum(1.0 / total, total.new_tensor(1.0 / self.global_clipnorm))
+            scale = torch.reciprocal(torch.clamp_min(total, self.global_clipnorm)).mul_(self.global_clipnorm)
             scale = scale + (total - total)
             return [torch._foreach_mul(grads, scale.to(grads[0].dtype)) for grads in grad_lists]
         if self.clipvalue:
