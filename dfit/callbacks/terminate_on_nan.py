@@ -27,14 +27,15 @@ class TerminateOnNaN(Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        bad = loss is not None and not math.isfinite(float(loss))
+        here = bad = loss is not None and not math.isfinite(float(loss))
         if dist.world_size() > 1:
             bad = bool(dist.all_reduce_max(torch.tensor([1.0 if bad else 0.0])).item())
         if not bad:
             return
         if self.raise_error:
-            raise RuntimeError(f"NaN or Inf loss encountered at batch {batch}. Loss value: {loss}. Terminating "
-                               "training immediately.")
+            where = "" if here else " (on another rank; this rank's loss is finite)"
+            raise RuntimeError(f"NaN or Inf loss encountered at batch {batch}. Loss value: {loss}{where}. "
+                               "Terminating training immediately.")
         if dist.is_chief():
             print(f"Batch {batch}: Invalid loss, terminating training")
         self.model.stop_training = True
