@@ -347,12 +347,27 @@ def test_tensorboard_writes_keras_layout(tmp_path):
 
 def test_tensorboard_epoch_only_counts_steps_without_batch_hooks(tmp_path):
     x, y = regression_data()
-    cb = TensorBoard(str(tmp_path))
+    cb = TensorBoard(str(tmp_path), histogram_freq=1)
     assert "on_train_batch_end" not in vars(cb)
     small_model().fit(x, y, batch_size=4, epochs=2, verbose=0, validation_split=0.25, callbacks=[cb])
     val = read_scalars(tmp_path / "validation")
     assert [s for s, _ in val["evaluation_loss_vs_iterations"]] == [3, 6]
     assert "batch_loss" not in read_scalars(tmp_path / "train")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "train"), size_guidance={"histograms": 0})  # 0: keep every event
+    acc.Reload()
+    assert set(acc.Tags()["histograms"]) == {"weight", "bias"}
+    assert [e.step for e in acc.Histograms("weight")] == [0, 1]
+
+
+def test_tensorboard_rejects_what_it_cannot_write():
+    with pytest.raises(ValueError, match="update_freq"):
+        TensorBoard(update_freq=0)
+    with pytest.raises(ValueError, match="Profiling"):
+        TensorBoard(profile_batch=2)
+    with pytest.raises(NotImplementedError, match="write_images"):
+        TensorBoard(write_images=True)
 
 
 # -- TerminateOnNaN ------------------------------------------------------------------------------------------

@@ -90,7 +90,8 @@ def on_ranks(folder: str):
     # 2. LearningRateScheduler and a torch scheduler per step
     model = model_on(lr=0.1)
     model.fit(x, y, batch_size=4, epochs=3, verbose=0, callbacks=[
-        C.LearningRateScheduler(lambda epoch, lr: 0.1 * 0.5 ** epoch)])
+        C.LearningRateScheduler(lambda epoch, lr: 0.1 * 0.5 ** epoch),
+        C.ModelCheckpoint(os.path.join(folder, "steps", "s.{epoch}-{batch}-{loss:.0f}.pt"), save_freq=4)])
     out["scheduled_lr"] = model.optimizer.param_groups[0]["lr"]
     model = model_on(lr=0.1)
     model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[
@@ -173,7 +174,10 @@ def test_files_are_written_once_by_rank_zero(two_ranks):
     assert list(rows[0]) == ["epoch", "learning_rate", "loss", "mae", "val_loss", "val_mae", "val_probe"]
     assert [int(r["epoch"]) for r in rows] == r0["epochs"]
     assert [float(r["val_loss"]) for r in rows] == r0["history"]["val_loss"]
-    assert sorted(os.listdir(folder)) == ["ck", "log.csv", "tb"]  # no temporary files
+    assert sorted(os.listdir(folder)) == ["ck", "log.csv", "steps", "tb"]  # no temporary files
+    # save_freq=4 over 3 epochs of 6 steps: steps 4, 8, 12, 16 = (epoch 1, batch 4), (2, 2), (2, 6), (3, 4)
+    saved = sorted(os.listdir(os.path.join(folder, "steps")))
+    assert [name.split("-")[:2] for name in saved] == [["s.1", "4"], ["s.2", "2"], ["s.2", "6"], ["s.3", "4"]]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for sub, tags in (("train", {"epoch_loss", "epoch_mae", "epoch_learning_rate", "batch_loss"}),
