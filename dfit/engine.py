@@ -175,6 +175,7 @@ class Engine:
         module, optimizer = self.train_module, self.model.optimizer
         loss_fn = self.model.compiled_loss(output_names)
         wants_batches = callbacks.wants_batches("train")
+        stops_at_batch = callbacks.stops_at_batch()  # e.g. TerminateOnNaN: all ranks end the epoch at one step
         has_metrics = bool(tracker.metrics)
         self.model.module.train()
         tracker.reset(self.device)
@@ -207,6 +208,8 @@ class Engine:
                     tracker.update_metrics([p.detach() for p in y_pred], y_true, batch.sample_weight)
                 if wants_batches:
                     callbacks.batch_end("train", step, LazyLogs(lambda: tracker.running(self.device)))
+                    if stops_at_batch and self.model._agree_to_stop():
+                        break
         return tracker.results(self.device)
 
     @torch.inference_mode()

@@ -249,7 +249,7 @@ class Model:
         per_pass = train.steps_per_pass(batch_size)
         steps = steps_per_epoch or per_pass
         history = History()
-        cbs = [history] + list(callbacks or [])
+        cbs = list(callbacks or []) + [history]  # History last, as Keras: it sees what callbacks add to the logs
         if verbose and not any(isinstance(cb, ProgbarLogger) for cb in cbs):  # Keras: the user's one replaces it
             cbs.append(ProgbarLogger())
         plot_cb = _view_metrics_callback(view_metrics, epochs - initial_epoch, verbose)

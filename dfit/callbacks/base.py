@@ -15,10 +15,21 @@ class Callback:
     # True for callbacks that read batch logs only inside the hook (if at all): they get them lazily,
     # so a step costs no device synchronisation unless the logs are actually read.
     reads_logs_at_once = False
+    # True for callbacks whose train-batch hooks may set ``model.stop_training`` to end the epoch at that
+    # step (``TerminateOnNaN``): fit then agrees on the flag after every step (one tiny all-reduce on N
+    # ranks), so every rank ends the epoch at the same step. Otherwise a stop takes effect at the epoch end.
+    stops_at_batch = False
 
     def __init__(self) -> None:
         self.model: Any = None
         self.params: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this callback (counters, best values); {} if nothing."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s output; the next ``on_train_begin`` then continues from it."""
 
     def set_model(self, model: Any) -> None:
         self.model = model
@@ -112,6 +123,10 @@ class CallbackList:
             logs = dict(logs)  # a callback may keep the logs: give it this batch's values, as Keras does
         for cb in users:
             getattr(cb, hook)(batch, logs)
+
+    def stops_at_batch(self) -> bool:
+        """Whether a train-batch hook may end the epoch (fit then agrees on ``stop_training`` every step)."""
+        return any(getattr(cb, "stops_at_batch", False) for cb in self._batch_users["on_train_batch_end"])
 
     def call(self, hook: str, *args: Any) -> None:
         for cb in self.callbacks:
