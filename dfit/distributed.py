@@ -12,6 +12,7 @@ covered too.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -395,6 +396,7 @@ def init(backend: str | None = None, timeout: float | datetime.timedelta | None 
         dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
                                 timeout=td, **kwargs)
         _state["owns_group"] = True
+        atexit.register(_leave_at_exit)
     _state.update(info=info, backend=backend, device=dev)
     return info
 
@@ -419,6 +421,15 @@ def barrier() -> None:
     """Wait for every rank (no-op on one process)."""
     if _active():
         dist.barrier()
+
+
+def _leave_at_exit() -> None:
+    """Free what still uses the group (a DDP wrapper in a model/engine cycle), then leave it: a gloo group left to
+    the interpreter's teardown aborts the process now and then ("terminate called without an active exception")."""
+    import gc
+
+    gc.collect()
+    shutdown()
 
 
 def shutdown() -> None:
@@ -470,6 +481,17 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (same shape everywhere) stacked in rank order: shape ``(world, *t.shape)``."""
+    if not _active():
+        return t.unsqueeze(0)
+    # a summed table with this rank's row filled in: the same result as an all-gather, for small tensors, through
+    # the all-reduce every backend does well (gloo's all_gather leaves a thread that aborts the process at exit)
+    table = torch.zeros((world_size(), *t.shape), dtype=t.dtype, device=t.device)
+    table[rank()] = t
+    return all_reduce_sum(table)
 
 
 def format_exception(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ from .data import Batch
 from .data.structure import concat_rows, map_structure
 from .losses import CompiledLoss, global_batch_decisions
 from .metrics import MetricSet
+from .trainer import agree_to_stop
 
 if TYPE_CHECKING:
     from .model import Model
@@ -208,7 +209,7 @@ class Engine:
                     tracker.update_metrics([p.detach() for p in y_pred], y_true, batch.sample_weight)
                 if wants_batches:
                     callbacks.batch_end("train", step, LazyLogs(lambda: tracker.running(self.device)))
-                    if stops_at_batch and self.model._agree_to_stop():
+                    if stops_at_batch and agree_to_stop(self.model):
                         break
         return tracker.results(self.device)
 

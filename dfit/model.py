@@ -19,10 +19,12 @@ from . import distributed as dist
 from . import losses as losses_mod
 from . import metrics as metrics_mod
 from . import optimizers, serialization
-from .callbacks import Callback, CallbackList, History, ProgbarLogger
-from .callbacks.progbar import is_interactive, with_progbar
+from .callbacks import Callback, CallbackList, History
+from .callbacks.progbar import is_interactive
 from .engine import PRECISIONS, Engine
-from .data.sharding import batch_size_for, epoch_batches
+from . import trainer
+from .data import EpochIterator
+from .data.sharding import batch_size_for
 from .metrics import MetricSet
 
 _NOT_COMPILED = "You must call compile() before fit/evaluate/train_on_batch/test_on_batch"
@@ -184,8 +186,9 @@ class Model:
         temporal = self._compile_args.get("sample_weight_mode") == "temporal"
         data = data_mod.adapt(x, y, sample_weight, float_dtype=self._float_dtype(), temporal=temporal, what=what)
         targets = targets and self._compile_args.get("loss") is not None  # a model-computed loss needs no y
-        if targets and isinstance(data, (data_mod.ArrayData, data_mod.DatasetData)) and data.y is None:
-            raise ValueError(f"{what} comes without targets: pass y (or a Dataset whose items are (x, y))")
+        if targets and isinstance(data, (data_mod.ArrayData, data_mod.DatasetData, data_mod.StreamData)) \
+                and data.y is None:
+            raise ValueError(f"{what} comes without targets: pass y (or a Dataset or stream whose items are (x, y))")
         return data
 
     def _remember_example(self, adapter: Any) -> None:
@@ -227,82 +230,31 @@ class Model:
             val = self._adapt_validation(validation_data)
         elif validation_split:
             train, val = train.split(float(validation_split))
-        if class_weight is not None:
+        if class_weight is not None and isinstance(train, data_mod.StreamData):
+            train = train.with_class_weight(class_weight)   # applied to each batch as it is read
+        elif class_weight is not None:
             cw = data_mod.class_weight_tensor(train.y, class_weight, self._float_dtype())
             if train.sample_weight is not None:
                 w = train.sample_weight
                 cw = cw.reshape(cw.shape + (1,) * (w.dim() - cw.dim())) * w
             train = train.with_weights(cw)
-        val_batch_size = None if val is None else validation_batch_size or batch_size_for(val.n, batch_size,
-                                                                                          validation_steps)
-        batch_size = batch_size_for(train.n, batch_size, steps_per_epoch)
         output_names = _output_names(train.y)
-        train_metrics = self._metric_set(output_names)
-        val_metrics = self._metric_set(output_names) if val is not None else None
         self._remember_example(train)
-
-        # 2. join the job ---------------------------------------------------------------------------------
-        engine = self._get_engine()
-        rank, world = dist.rank(), dist.world_size()
-        if seed is None:
-            seed = dist.broadcast_object(int(np.random.SeedSequence().entropy % (2 ** 31)))
-        per_pass = train.steps_per_pass(batch_size)
-        steps = steps_per_epoch or per_pass
-        history = History()
-        cbs = list(callbacks or []) + [history]  # History last, as Keras: it sees what callbacks add to the logs
-        if verbose and not any(isinstance(cb, ProgbarLogger) for cb in cbs):  # Keras: the user's one replaces it
-            cbs.append(ProgbarLogger())
-        plot_cb = _view_metrics_callback(view_metrics, epochs - initial_epoch, verbose)
-        if plot_cb is not None:
-            cbs.append(plot_cb)
-        params = {"verbose": verbose, "epochs": epochs, "steps": steps, "batch_size": batch_size}
-        callback_list = CallbackList(cbs, self, params)
-        self.history = history
-        self.stop_training = False
-        self._warned_ran_out = False
-
-        # 3. epochs ---------------------------------------------------------------------------------------
-        callback_list.call("on_train_begin", {})
-        logs: dict[str, float] = {}
-        for epoch in range(initial_epoch, epochs):
-            if steps_per_epoch and len(epoch_batches(per_pass, epoch, steps_per_epoch)[1]) < steps_per_epoch:
-                _warn_ran_out_once(self)
-            callback_list.call("on_epoch_begin", epoch, {})
-            batches = train.epoch(epoch, batch_size, steps_per_epoch, bool(shuffle), seed, rank, world)
-            logs = engine.train_epoch(batches, train_metrics, callback_list, output_names)
-            if val is not None and should_validate(epoch):
-                val_logs = self._run_test(engine, val, val_batch_size, validation_steps,
-                                          val_metrics, callback_list, output_names)
-                logs.update({f"val_{k}": v for k, v in val_logs.items()})
-            callback_list.call("on_epoch_end", epoch, logs)
-            if self._agree_to_stop():
-                break
-        callback_list.call("on_train_end", dict(logs))  # the last epoch's logs, as Keras
-        return history
-
-    def _agree_to_stop(self) -> bool:
-        """Any rank's stop decision stops every rank (one tiny all-reduce per epoch)."""
-        if dist.world_size() == 1:
-            return bool(self.stop_training)
-        flag = dist.all_reduce_max(torch.tensor([1.0 if self.stop_training else 0.0]))
-        self.stop_training = bool(flag.item())
-        return self.stop_training
+        plan = trainer.FitPlan(
+            epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, callbacks=list(callbacks or []),
+            view_metrics=view_metrics, batch_size=_batch_size(train, batch_size, steps_per_epoch),
+            steps_per_epoch=steps_per_epoch, shuffle=bool(shuffle), seed=seed,
+            val_batch_size=None if val is None else _batch_size(val, validation_batch_size or batch_size,
+                                                                validation_steps),
+            validation_steps=validation_steps, should_validate=should_validate, output_names=output_names)
+        return trainer.run_fit(self, train, val, plan)
 
     def _adapt_validation(self, validation_data: Any):
-        if isinstance(validation_data, torch.utils.data.Dataset):
+        if isinstance(validation_data, torch.utils.data.Dataset) or data_mod.is_stream(validation_data):
             return self._adapt(validation_data, what="validation_data")
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
             raise ValueError("validation_data must be a tuple (x_val, y_val) or (x_val, y_val, val_sample_weight)")
         return self._adapt(*validation_data, what="validation_data x")
-
-    @staticmethod
-    def _run_test(engine: Engine, data: Any, batch_size: int, steps: int | None, tracker: MetricSet,
-                  callbacks: CallbackList, output_names: list[str]) -> dict[str, float]:
-        callbacks.call("on_test_begin", {})
-        batches = data.epoch(0, batch_size, steps, False, 0, dist.rank(), dist.world_size())
-        logs = engine.test_epoch(batches, tracker, callbacks, output_names)
-        callbacks.call("on_test_end", logs)
-        return logs
 
     # -- evaluate / predict ----------------------------------------------------------------------------
     def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None, verbose: Any = "auto",
@@ -315,14 +267,9 @@ class Model:
         _check_positive_int(steps, "steps")
         verbose = _resolve_verbose(verbose)
         data = self._adapt(x, y, sample_weight)
-        output_names = _output_names(data.y)
-        tracker = self._metric_set(output_names)
         self._remember_example(data)
-        engine = self._get_engine()
-        batch_size = batch_size_for(data.n, batch_size, steps)
-        n_steps = min(steps or data.steps_per_pass(batch_size), data.steps_per_pass(batch_size))
-        callback_list = CallbackList(with_progbar(callbacks, verbose), self, {"verbose": verbose, "steps": n_steps})
-        logs = self._run_test(engine, data, batch_size, steps, tracker, callback_list, output_names)
+        logs = trainer.run_evaluate(self, data, _batch_size(data, batch_size, steps), steps, verbose, callbacks,
+                                    _output_names(data.y))
         return _keras_result(logs, return_dict)
 
     def predict(self, x: Any, batch_size: int | None = None, verbose: Any = 0, steps: int | None = None,
@@ -330,21 +277,11 @@ class Model:
         """Predictions for every input row exactly once, in input order, returned on every rank (numpy)."""
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(steps, "steps")
+        verbose = _resolve_verbose(verbose)
         data = self._adapt(x, targets=False)
-        return self._predict(data, batch_size_for(data.n, batch_size, steps), steps, verbose, callbacks)
-
-    def _predict(self, data: Any, batch_size: int, steps: int | None, verbose: Any,
-                 callbacks: list[Callback] | None) -> Any:
         self._remember_example(data)
-        engine = self._get_engine()
-        verbose, per_pass = _resolve_verbose(verbose), data.steps_per_pass(batch_size)
-        callback_list = CallbackList(with_progbar(callbacks, verbose), self,
-                                     {"verbose": verbose, "steps": min(steps or per_pass, per_pass)})
-        callback_list.call("on_predict_begin", {})
-        batches = data.epoch(0, batch_size, steps, False, 0, dist.rank(), dist.world_size())
-        out = engine.predict(batches, callback_list)
-        callback_list.call("on_predict_end", {})
-        return _to_numpy(out)
+        return _to_numpy(trainer.run_predict(self, data, _batch_size(data, batch_size, steps), steps, verbose,
+                                             callbacks))
 
     # -- single batches --------------------------------------------------------------------------------
     def train_on_batch(self, x: Any, y: Any = None, sample_weight: Any = None,
@@ -368,13 +305,15 @@ class Model:
             raise RuntimeError(_NOT_COMPILED)
         data = self._adapt(x, y, sample_weight)
         names = _output_names(data.y)
-        logs = self._run_test(self._get_engine(), data, data.n, None, self._metric_set(names),
-                              CallbackList([], self, {}), names)
+        self._get_engine()
+        epochs = EpochIterator(data, data.n, None, rank=dist.rank(), world=dist.world_size())
+        logs = trainer.run_test(self, epochs, self._metric_set(names), CallbackList([], self, {}), names)
         return _keras_result(logs, return_dict)
 
     def predict_on_batch(self, x: Any) -> Any:
         data = self._adapt(x, targets=False)
-        return self._predict(data, data.n, None, 0, None)
+        self._remember_example(data)
+        return _to_numpy(trainer.run_predict(self, data, data.n, None, 0, None))
 
     # -- deprecated Keras aliases ----------------------------------------------------------------------
     # Keras 2's signatures (positional order and defaults), forwarded by keyword.
@@ -457,18 +396,6 @@ class Model:
         serialization.load_weights(self, path)
 
 
-def _warn_ran_out_once(model: Model) -> None:
-    """Keras' warning when an epoch ends before ``steps_per_epoch`` because the data ran out (once per fit)."""
-    if getattr(model, "_warned_ran_out", False):
-        return
-    model._warned_ran_out = True
-    if dist.is_chief():
-        warnings.warn("Your input ran out of data; the epoch ended before steps_per_epoch steps. Make sure your data "
-                      "can give at least `steps_per_epoch * epochs` batches (arrays give ceil(n / batch_size) batches "
-                      "per pass; each epoch that reaches the end of the data stops there, and the next one starts a "
-                      "new pass).", UserWarning, stacklevel=3)
-
-
 def _keras_result(logs: dict[str, float], return_dict: bool) -> Any:
     if return_dict:
         return dict(logs)
@@ -476,20 +403,13 @@ def _keras_result(logs: dict[str, float], return_dict: bool) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def _view_metrics_callback(view_metrics: Any, epochs: int, verbose: int) -> Callback | None:
-    if view_metrics is False or view_metrics is None:
+def _batch_size(data: Any, batch_size: int | None, steps: int | None) -> int | None:
+    """Keras' batch size for ``data`` (see ``batch_size_for``); a stream's items are its batches."""
+    if isinstance(data, data_mod.StreamData):
+        if batch_size is not None:
+            raise ValueError("batch_size must be None when the input is a stream: each item of the stream is a batch")
         return None
-    if isinstance(view_metrics, str) and view_metrics != "auto":
-        from .plotting import PlotMetrics
-
-        return PlotMetrics(path=view_metrics)
-    from .plotting import PlotMetrics, in_notebook
-
-    if dist.environment() == "spawn":  # a worker of multi_gpu_model has no notebook to draw in
-        return None
-    if view_metrics is True or (view_metrics == "auto" and epochs > 1 and verbose > 0 and in_notebook()):
-        return PlotMetrics(path=None)
-    return None
+    return batch_size_for(data.n, batch_size, steps)
 
 
 class Sequential(Model):

@@ -321,9 +321,6 @@ def test_tensor_dataset_with_and_without_weights():
     np.testing.assert_allclose(model.predict(TensorDataset(torch.tensor(x))), x * 0.5 + 0.25, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="streams are API.md's contract but not implemented yet (issue 12); remove this marker "
-                          "when they land")
 def test_a_generator_with_steps_per_epoch_trains_like_its_arrays():
     """API.md: an infinite generator with steps_per_epoch yields one batch per global step."""
     x, y = RNG.normal(size=(4, 1)), RNG.normal(size=(4, 1))
@@ -334,18 +331,6 @@ def test_a_generator_with_steps_per_epoch_trains_like_its_arrays():
 
     history = frozen_model(Recorder()).fit(gen(), epochs=2, steps_per_epoch=2, verbose=0)
     assert history.history["loss"] == pytest.approx([_expected_loss(x, y, 1.0, 0.0)] * 2, rel=1e-12)
-
-
-def test_streams_are_refused_with_a_clear_message_until_supported():
-    """Until issue 12 lands, a generator is refused by name, never mis-read as an array."""
-    x, y = RNG.normal(size=(4, 1)), RNG.normal(size=(4, 1))
-
-    def gen():
-        while True:
-            yield x, y
-
-    with pytest.raises(NotImplementedError, match=r"streams \(generators.*not supported"):
-        frozen_model(Recorder()).fit(gen(), epochs=2, steps_per_epoch=2, verbose=0)
 
 
 # -- bad input ----------------------------------------------------------------------------------------------

@@ -12,9 +12,12 @@ from torch.utils.data import Dataset, IterableDataset, TensorDataset
 
 from .arrays import ArrayData, Batch, to_structure
 from .datasets import DatasetData
+from .epochs import EpochIterator
+from .streams import StreamData, is_stream, per_rank
 from .weights import class_weight_tensor, sample_weight_tensor
 
-__all__ = ["adapt", "Batch", "ArrayData", "DatasetData", "class_weight_tensor", "sample_weight_tensor"]
+__all__ = ["adapt", "Batch", "ArrayData", "DatasetData", "StreamData", "EpochIterator", "per_rank", "is_stream",
+           "class_weight_tensor", "sample_weight_tensor"]
 
 
 def _is_map_dataset(x: Any) -> bool:
@@ -35,13 +38,13 @@ def adapt(x: Any, y: Any = None, sample_weight: Any = None, *, float_dtype: torc
         if y is not None or sample_weight is not None:
             raise ValueError("y and sample_weight must be None when x is a Dataset (it yields them)")
         return DatasetData(x, float_dtype)
-    elif isinstance(x, (IterableDataset, torch.utils.data.DataLoader)) or (
-            hasattr(x, "__iter__") and not isinstance(x, (list, tuple, dict, str)) and not hasattr(x, "shape")
-            and not hasattr(x, "to_numpy")):
-        raise NotImplementedError(
-            "streams (generators, iterators, IterableDataset, DataLoader) are not supported in this version; "
-            "pass arrays, tensors or a map-style Dataset"
-        )
+    elif is_stream(x):
+        if y is not None or sample_weight is not None:
+            raise ValueError(f"y and sample_weight must be None when {what} is a stream of batches: its items are "
+                             "(x, y) or (x, y, sample_weight)")
+        return StreamData(x, float_dtype, temporal, what)
+    elif isinstance(x, torch.utils.data.DataLoader):
+        raise NotImplementedError("a DataLoader over a map-style Dataset is not supported yet; pass its dataset")
     xs = to_structure(x, what, float_dtype)
     ys = None if y is None else to_structure(y, "y", float_dtype)
     n = ArrayData(xs, ys).n

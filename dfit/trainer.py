@@ -1,0 +1,162 @@
+"""The loop drivers (Keras 3's ``Trainer``): fit's epochs, validation, callbacks and the agreement to stop;
+evaluate's and predict's single passes.
+
+``Model`` checks the arguments and turns the data into adapters (before any collective); the functions here run
+the job: ``data.EpochIterator`` decides which batches make each epoch, ``Engine`` runs the steps.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+
+from . import distributed as dist
+from .callbacks import Callback, CallbackList, History, ProgbarLogger
+from .callbacks.progbar import with_progbar
+from .data import EpochIterator
+from .metrics import MetricSet
+
+if TYPE_CHECKING:
+    from .model import Model
+
+RAN_OUT = ("Your input ran out of data; the epoch ended before `steps_per_epoch` steps. Make sure your data can give "
+           "at least `steps_per_epoch * epochs` batches (arrays give ceil(n / batch_size) batches per pass; an epoch "
+           "that reaches the end of the data stops there, and the next one starts a new pass).")
+INTERRUPTED = ("Your input ran out of data; interrupting training. Make sure that your dataset or generator can "
+               "generate at least `steps_per_epoch * epochs` batches (a one-shot iterator cannot start again).")
+
+
+@dataclass
+class FitPlan:
+    """What ``Model.fit`` checked and resolved; everything ``run_fit`` needs besides the data."""
+
+    epochs: int
+    initial_epoch: int
+    verbose: int
+    callbacks: list[Callback]
+    view_metrics: Any
+    batch_size: int | None
+    steps_per_epoch: int | None
+    shuffle: bool
+    seed: int | None
+    val_batch_size: int | None
+    validation_steps: int | None
+    should_validate: Callable[[int], bool]
+    output_names: list[str]
+
+
+def run_fit(model: "Model", train: Any, val: Any, plan: FitPlan) -> History:
+    """Run the epochs of ``fit`` on every rank; returns the History (identical on every rank)."""
+    engine = model._get_engine()
+    rank, world = dist.rank(), dist.world_size()
+    seed = plan.seed
+    if seed is None:
+        seed = dist.broadcast_object(int(np.random.SeedSequence().entropy % (2 ** 31)))
+    epochs = EpochIterator(train, plan.batch_size, plan.steps_per_epoch, plan.shuffle, seed, rank, world)
+    val_epochs = None if val is None else EpochIterator(val, plan.val_batch_size, plan.validation_steps, False, 0,
+                                                        rank, world)
+    train_metrics = model._metric_set(plan.output_names)
+    val_metrics = model._metric_set(plan.output_names) if val is not None else None
+
+    history = History()
+    cbs = list(plan.callbacks) + [history]  # History last, as Keras: it sees what callbacks add to the logs
+    if plan.verbose and not any(isinstance(cb, ProgbarLogger) for cb in cbs):  # Keras: the user's one replaces it
+        cbs.append(ProgbarLogger())
+    plot_cb = view_metrics_callback(plan.view_metrics, plan.epochs - plan.initial_epoch, plan.verbose)
+    if plot_cb is not None:
+        cbs.append(plot_cb)
+    params = {"verbose": plan.verbose, "epochs": plan.epochs, "steps": plan.steps_per_epoch or epochs.steps_hint,
+              "batch_size": plan.batch_size}
+    callbacks = CallbackList(cbs, model, params)
+    model.history = history
+    model.stop_training = False
+    warned = False
+
+    callbacks.call("on_train_begin", {})
+    logs: dict[str, float] = {}
+    for epoch in range(plan.initial_epoch, plan.epochs):
+        if not epochs.has_more():   # a one-shot stream is used up: Keras ends training here
+            _warn_chief(INTERRUPTED)
+            break
+        callbacks.call("on_epoch_begin", epoch, {})
+        logs = engine.train_epoch(epochs.epoch(epoch), train_metrics, callbacks, plan.output_names)
+        if epochs.ran_out and not warned:
+            warned = True
+            _warn_chief(RAN_OUT)
+        if params["steps"] is None and epochs.learned_steps is not None:
+            params["steps"] = epochs.learned_steps
+        if val_epochs is not None and plan.should_validate(epoch):
+            val_logs = run_test(model, val_epochs, val_metrics, callbacks, plan.output_names)
+            logs.update({f"val_{k}": v for k, v in val_logs.items()})
+        callbacks.call("on_epoch_end", epoch, logs)
+        if agree_to_stop(model):
+            break
+    callbacks.call("on_train_end", dict(logs))  # the last epoch's logs, as Keras
+    return history
+
+
+def run_test(model: "Model", epochs: EpochIterator, tracker: MetricSet, callbacks: CallbackList,
+             output_names: list[str]) -> dict[str, float]:
+    """One evaluation pass (validation inside fit, or evaluate): exact logs over all ranks."""
+    callbacks.call("on_test_begin", {})
+    epochs.restart()
+    logs = model._get_engine().test_epoch(epochs.epoch(0), tracker, callbacks, output_names)
+    callbacks.call("on_test_end", logs)
+    return logs
+
+
+def run_evaluate(model: "Model", data: Any, batch_size: int | None, steps: int | None, verbose: int,
+                 callbacks: list[Callback] | None, output_names: list[str]) -> dict[str, float]:
+    tracker = model._metric_set(output_names)
+    model._get_engine()
+    epochs = EpochIterator(data, batch_size, steps, rank=dist.rank(), world=dist.world_size())
+    callback_list = CallbackList(with_progbar(callbacks, verbose), model,
+                                 {"verbose": verbose, "steps": epochs.steps_hint})
+    return run_test(model, epochs, tracker, callback_list, output_names)
+
+
+def run_predict(model: "Model", data: Any, batch_size: int | None, steps: int | None, verbose: int,
+                callbacks: list[Callback] | None) -> Any:
+    """Every input row exactly once, in input order, on every rank (CPU tensors)."""
+    engine = model._get_engine()
+    epochs = EpochIterator(data, batch_size, steps, rank=dist.rank(), world=dist.world_size())
+    callback_list = CallbackList(with_progbar(callbacks, verbose), model,
+                                 {"verbose": verbose, "steps": epochs.steps_hint})
+    callback_list.call("on_predict_begin", {})
+    out = engine.predict(epochs.epoch(0), callback_list)
+    callback_list.call("on_predict_end", {})
+    return out
+
+
+def agree_to_stop(model: "Model") -> bool:
+    """Any rank's stop decision stops every rank (one tiny all-reduce per epoch)."""
+    if dist.world_size() == 1:
+        return bool(model.stop_training)
+    flag = dist.all_reduce_max(torch.tensor([1.0 if model.stop_training else 0.0]))
+    model.stop_training = bool(flag.item())
+    return model.stop_training
+
+
+def _warn_chief(message: str) -> None:
+    if dist.is_chief():
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def view_metrics_callback(view_metrics: Any, epochs: int, verbose: int) -> Callback | None:
+    """The plot callback ``fit(view_metrics=...)`` asks for, if any."""
+    if view_metrics is False or view_metrics is None:
+        return None
+    if isinstance(view_metrics, str) and view_metrics != "auto":
+        from .plotting import PlotMetrics
+
+        return PlotMetrics(path=view_metrics)
+    from .plotting import PlotMetrics, in_notebook
+
+    if dist.environment() == "spawn":  # a worker of multi_gpu_model has no notebook to draw in
+        return None
+    if view_metrics is True or (view_metrics == "auto" and epochs > 1 and verbose > 0 and in_notebook()):
+        return PlotMetrics(path=None)
+    return None
