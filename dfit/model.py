@@ -5,6 +5,7 @@ raises on every rank instead of hanging), then runs epochs through ``engine.Engi
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import sys
 import warnings
@@ -180,9 +181,11 @@ class Model:
             self._engine = Engine(self)
         return self._engine
 
-    def _adapt(self, x: Any, y: Any = None, sample_weight: Any = None, what: str = "x", targets: bool = True):
+    def _adapt(self, x: Any, y: Any = None, sample_weight: Any = None, what: str = "x", targets: bool = True,
+               loading: data_mod.LoadOptions | None = None):
         temporal = self._compile_args.get("sample_weight_mode") == "temporal"
-        data = data_mod.adapt(x, y, sample_weight, float_dtype=self._float_dtype(), temporal=temporal, what=what)
+        data = data_mod.adapt(x, y, sample_weight, float_dtype=self._float_dtype(), temporal=temporal, what=what,
+                              loading=loading)
         targets = targets and self._compile_args.get("loss") is not None  # a model-computed loss needs no y
         if targets and isinstance(data, (data_mod.ArrayData, data_mod.DatasetData)) and data.y is None:
             raise ValueError(f"{what} comes without targets: pass y (or a Dataset whose items are (x, y))")
@@ -219,12 +222,14 @@ class Model:
             raise TypeError(f"shuffle must be True or False; got {shuffle!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be an integer or None; got {seed!r}")
+        data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
+        loading = data_mod.LoadOptions.from_fit(int(workers), int(max_queue_size))
         verbose = _resolve_verbose(verbose)
         should_validate = _validate_every(validation_freq)
-        train = self._adapt(x, y, sample_weight)
+        train = self._adapt(x, y, sample_weight, loading=loading)
         val = None
         if validation_data is not None:
-            val = self._adapt_validation(validation_data)
+            val = self._adapt_validation(validation_data, loading)
         elif validation_split:
             train, val = train.split(float(validation_split))
         if class_weight is not None:
@@ -233,9 +238,10 @@ class Model:
                 w = train.sample_weight
                 cw = cw.reshape(cw.shape + (1,) * (w.dim() - cw.dim())) * w
             train = train.with_weights(cw)
-        val_batch_size = None if val is None else validation_batch_size or batch_size_for(val.n, batch_size,
-                                                                                          validation_steps)
-        batch_size = batch_size_for(train.n, batch_size, steps_per_epoch)
+        # a DataLoader's batch_size is the global batch unless fit's batch_size (validation_batch_size) says otherwise
+        val_batch_size = None if val is None else validation_batch_size or batch_size_for(
+            val.n, _loader_batch_size(val) or batch_size, validation_steps)
+        batch_size = batch_size_for(train.n, batch_size or _loader_batch_size(train), steps_per_epoch)
         output_names = _output_names(train.y)
         train_metrics = self._metric_set(output_names)
         val_metrics = self._metric_set(output_names) if val is not None else None
@@ -264,19 +270,22 @@ class Model:
         # 3. epochs ---------------------------------------------------------------------------------------
         callback_list.call("on_train_begin", {})
         logs: dict[str, float] = {}
-        for epoch in range(initial_epoch, epochs):
-            if steps_per_epoch and len(epoch_batches(per_pass, epoch, steps_per_epoch)[1]) < steps_per_epoch:
-                _warn_ran_out_once(self)
-            callback_list.call("on_epoch_begin", epoch, {})
-            batches = train.epoch(epoch, batch_size, steps_per_epoch, bool(shuffle), seed, rank, world)
-            logs = engine.train_epoch(batches, train_metrics, callback_list, output_names)
-            if val is not None and should_validate(epoch):
-                val_logs = self._run_test(engine, val, val_batch_size, validation_steps,
-                                          val_metrics, callback_list, output_names)
-                logs.update({f"val_{k}": v for k, v in val_logs.items()})
-            callback_list.call("on_epoch_end", epoch, logs)
-            if self._agree_to_stop():
-                break
+        try:
+            for epoch in range(initial_epoch, epochs):
+                if steps_per_epoch and len(epoch_batches(per_pass, epoch, steps_per_epoch)[1]) < steps_per_epoch:
+                    _warn_ran_out_once(self)
+                callback_list.call("on_epoch_begin", epoch, {})
+                batches = train.epoch(epoch, batch_size, steps_per_epoch, bool(shuffle), seed, rank, world)
+                logs = engine.train_epoch(batches, train_metrics, callback_list, output_names)
+                if val is not None and should_validate(epoch):
+                    val_logs = self._run_test(engine, val, val_batch_size, validation_steps,
+                                              val_metrics, callback_list, output_names)
+                    logs.update({f"val_{k}": v for k, v in val_logs.items()})
+                callback_list.call("on_epoch_end", epoch, logs)
+                if self._agree_to_stop():
+                    break
+        finally:  # loader workers end with training, also when it fails
+            _close(train, val)
         callback_list.call("on_train_end", dict(logs))  # the last epoch's logs, as Keras
         return history
 
@@ -288,9 +297,9 @@ class Model:
         self.stop_training = bool(flag.item())
         return self.stop_training
 
-    def _adapt_validation(self, validation_data: Any):
-        if isinstance(validation_data, torch.utils.data.Dataset):
-            return self._adapt(validation_data, what="validation_data")
+    def _adapt_validation(self, validation_data: Any, loading: data_mod.LoadOptions | None = None):
+        if isinstance(validation_data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)):
+            return self._adapt(validation_data, what="validation_data", loading=loading)
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
             raise ValueError("validation_data must be a tuple (x_val, y_val) or (x_val, y_val, val_sample_weight)")
         return self._adapt(*validation_data, what="validation_data x")
@@ -300,38 +309,53 @@ class Model:
                   callbacks: CallbackList, output_names: list[str]) -> dict[str, float]:
         callbacks.call("on_test_begin", {})
         batches = data.epoch(0, batch_size, steps, False, 0, dist.rank(), dist.world_size())
-        logs = engine.test_epoch(batches, tracker, callbacks, output_names)
+        with contextlib.closing(batches):
+            logs = engine.test_epoch(batches, tracker, callbacks, output_names)
         callbacks.call("on_test_end", logs)
         return logs
 
     # -- evaluate / predict ----------------------------------------------------------------------------
     def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None, verbose: Any = "auto",
                  sample_weight: Any = None, steps: int | None = None, callbacks: list[Callback] | None = None,
-                 return_dict: bool = False) -> Any:
-        """Loss (and metrics) over all samples of all ranks: a scalar, ``[loss, *metrics]`` or a dict."""
+                 return_dict: bool = False, workers: int = 0, use_multiprocessing: bool = False,
+                 max_queue_size: int = 10) -> Any:
+        """Loss (and metrics) over all samples of all ranks: a scalar, ``[loss, *metrics]`` or a dict.
+
+        ``workers``, ``use_multiprocessing``, ``max_queue_size``: as in ``fit`` (loading a map-style Dataset)."""
         if not self.compiled:
             raise RuntimeError(_NOT_COMPILED)
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(steps, "steps")
+        data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
         verbose = _resolve_verbose(verbose)
-        data = self._adapt(x, y, sample_weight)
+        data = self._adapt(x, y, sample_weight, loading=data_mod.LoadOptions.from_fit(int(workers),
+                                                                                       int(max_queue_size)))
         output_names = _output_names(data.y)
         tracker = self._metric_set(output_names)
         self._remember_example(data)
         engine = self._get_engine()
-        batch_size = batch_size_for(data.n, batch_size, steps)
+        batch_size = batch_size_for(data.n, batch_size or _loader_batch_size(data), steps)
         n_steps = min(steps or data.steps_per_pass(batch_size), data.steps_per_pass(batch_size))
         callback_list = CallbackList(with_progbar(callbacks, verbose), self, {"verbose": verbose, "steps": n_steps})
-        logs = self._run_test(engine, data, batch_size, steps, tracker, callback_list, output_names)
+        try:
+            logs = self._run_test(engine, data, batch_size, steps, tracker, callback_list, output_names)
+        finally:
+            _close(data)
         return _keras_result(logs, return_dict)
 
     def predict(self, x: Any, batch_size: int | None = None, verbose: Any = 0, steps: int | None = None,
-                callbacks: list[Callback] | None = None) -> Any:
-        """Predictions for every input row exactly once, in input order, returned on every rank (numpy)."""
+                callbacks: list[Callback] | None = None, workers: int = 0, use_multiprocessing: bool = False,
+                max_queue_size: int = 10) -> Any:
+        """Predictions for every input row exactly once, in input order, returned on every rank (numpy).
+
+        ``workers``, ``use_multiprocessing``, ``max_queue_size``: as in ``fit`` (loading a map-style Dataset).
+        A user's DataLoader with ``drop_last=True`` leaves out its partial last batch here too."""
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(steps, "steps")
-        data = self._adapt(x, targets=False)
-        return self._predict(data, batch_size_for(data.n, batch_size, steps), steps, verbose, callbacks)
+        data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
+        data = self._adapt(x, targets=False, loading=data_mod.LoadOptions.from_fit(int(workers), int(max_queue_size)))
+        return self._predict(data, batch_size_for(data.n, batch_size or _loader_batch_size(data), steps), steps,
+                             verbose, callbacks)
 
     def _predict(self, data: Any, batch_size: int, steps: int | None, verbose: Any,
                  callbacks: list[Callback] | None) -> Any:
@@ -342,7 +366,11 @@ class Model:
                                      {"verbose": verbose, "steps": min(steps or per_pass, per_pass)})
         callback_list.call("on_predict_begin", {})
         batches = data.epoch(0, batch_size, steps, False, 0, dist.rank(), dist.world_size())
-        out = engine.predict(batches, callback_list)
+        try:
+            with contextlib.closing(batches):
+                out = engine.predict(batches, callback_list)
+        finally:
+            _close(data)
         callback_list.call("on_predict_end", {})
         return _to_numpy(out)
 
@@ -360,7 +388,10 @@ class Model:
         tracker = self._metric_set(names)
         engine = self._get_engine()
         batches = data.epoch(0, data.n, None, False, 0, dist.rank(), dist.world_size())
-        logs = engine.train_epoch(batches, tracker, CallbackList([], self, {}), names)
+        try:
+            logs = engine.train_epoch(batches, tracker, CallbackList([], self, {}), names)
+        finally:
+            _close(data)
         return _keras_result(logs, return_dict)
 
     def test_on_batch(self, x: Any, y: Any = None, sample_weight: Any = None, return_dict: bool = False) -> Any:
@@ -467,6 +498,19 @@ def _warn_ran_out_once(model: Model) -> None:
                       "can give at least `steps_per_epoch * epochs` batches (arrays give ceil(n / batch_size) batches "
                       "per pass; each epoch that reaches the end of the data stops there, and the next one starts a "
                       "new pass).", UserWarning, stacklevel=3)
+
+
+def _loader_batch_size(adapter: Any) -> int | None:
+    """The batch size a user's DataLoader was built with (None for other inputs)."""
+    return getattr(adapter, "batch_size", None)
+
+
+def _close(*adapters: Any) -> None:
+    """Shut down what the adapters started (loader worker processes)."""
+    for adapter in adapters:
+        close = getattr(adapter, "close", None)
+        if close is not None:
+            close()
 
 
 def _keras_result(logs: dict[str, float], return_dict: bool) -> Any:
