@@ -322,3 +322,30 @@ def test_a_collate_fn_is_used_and_its_pairs_are_x_and_y():
     loss = model.evaluate(DataLoader(Dicts(), batch_size=4, collate_fn=collate, num_workers=1), verbose=0)
     assert loss == pytest.approx(mse_rows(x * 0.5 + 0.25, y.astype(np.float32).astype(np.float64)).mean(), rel=1e-6)
     assert model.module.calls[0][1].dtype == torch.float64
+
+
+# -- the example ------------------------------------------------------------------------------------------
+
+def test_the_digits_images_example_runs_alone_and_under_dfit_launch(tmp_path):
+    """examples/digits_images.py for 1 epoch: plain python and 2 ranks (2 workers each) give the same history."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, launch_env
+
+    example = REPO / "examples" / "digits_images.py"
+    launcher = Path(sys.executable).parent / "dfit-launch"
+    launch = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "dfit.launch"]
+    histories = []
+    for i, prefix in enumerate(([sys.executable], launch + ["--nproc-per-node", "2"])):
+        out = tmp_path / f"history{i}.json"
+        res = subprocess.run(prefix + [str(example), "--epochs", "1", "--verbose", "0", "--history-out", str(out)],
+                             cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "2 loader worker(s) each" in res.stdout
+        histories.append(json.loads(out.read_text()))
+    assert [h["world_size"] for h in histories] == [1, 2]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        np.testing.assert_allclose(histories[1]["history"][key], histories[0]["history"][key], rtol=2e-5, atol=2e-6)
+    assert histories[0]["history"]["val_accuracy"][0] > 0.3  # it learned something in one epoch
