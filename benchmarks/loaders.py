@@ -153,10 +153,17 @@ def run_group(runner: str, world: int, args) -> float:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(world)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        if p.returncode != 0:
-            raise RuntimeError(f"{runner} on {world} process(es) failed:\n{err[-3000:]}")
-    return json.loads(outs[0][0].strip().splitlines()[-1])["items_per_s"]
+    reported = [line for line in outs[0][0].splitlines() if line.startswith("{")]
+    if not reported:
+        raise RuntimeError(f"{runner} on {world} process(es) failed:\n" + "\n".join(e[-3000:] for _, e in outs))
+    for rank, (p, (_, err)) in enumerate(zip(procs, outs)):
+        if p.returncode != 0:  # after rank 0 reported: noted, not hidden
+            ABNORMAL_EXITS.append(f"{runner} on {world} process(es), rank {rank}: exit code {p.returncode} after "
+                                  f"the timed epochs ({err.strip().splitlines()[-1] if err.strip() else 'no stderr'})")
+    return json.loads(reported[-1])["items_per_s"]
+
+
+ABNORMAL_EXITS: list[str] = []
 
 
 def main(argv=None) -> int:
@@ -210,7 +217,8 @@ def main(argv=None) -> int:
               f"{args.items} items x ~{args.item_us:.0f} µs of Python work ({args.loops} loops), global batch "
               f"{BATCH}, {args.epochs} timed epoch(s) per run; load average {load_before[0]:.1f} before, "
               f"{load_after[0]:.1f} after; {time.perf_counter() - start:.0f} s")
-    text = "\n".join([header, "", *lines, "", *verdicts, ""])
+    notes = [f"- note: {line}" for line in ABNORMAL_EXITS]
+    text = "\n".join([header, "", *lines, "", *verdicts, *notes, ""])
     print(text)
     if not args.no_append:
         with open(args.results, "a") as f:

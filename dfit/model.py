@@ -242,6 +242,9 @@ class Model:
         val_batch_size = None if val is None else validation_batch_size or batch_size_for(
             val.n, _loader_batch_size(val) or batch_size, validation_steps)
         batch_size = batch_size_for(train.n, batch_size or _loader_batch_size(train), steps_per_epoch)
+        per_pass = train.steps_per_pass(batch_size)  # (a DataLoader with drop_last may leave none: an error here)
+        if val is not None:
+            val.steps_per_pass(val_batch_size)
         output_names = _output_names(train.y)
         train_metrics = self._metric_set(output_names)
         val_metrics = self._metric_set(output_names) if val is not None else None
@@ -252,7 +255,6 @@ class Model:
         rank, world = dist.rank(), dist.world_size()
         if seed is None:
             seed = dist.broadcast_object(int(np.random.SeedSequence().entropy % (2 ** 31)))
-        per_pass = train.steps_per_pass(batch_size)
         steps = steps_per_epoch or per_pass
         history = History()
         cbs = [history] + list(callbacks or [])
