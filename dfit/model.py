@@ -182,9 +182,11 @@ class Model:
             self._engine = Engine(self)
         return self._engine
 
-    def _adapt(self, x: Any, y: Any = None, sample_weight: Any = None, what: str = "x", targets: bool = True):
+    def _adapt(self, x: Any, y: Any = None, sample_weight: Any = None, what: str = "x", targets: bool = True,
+               loading: data_mod.LoadOptions | None = None):
         temporal = self._compile_args.get("sample_weight_mode") == "temporal"
-        data = data_mod.adapt(x, y, sample_weight, float_dtype=self._float_dtype(), temporal=temporal, what=what)
+        data = data_mod.adapt(x, y, sample_weight, float_dtype=self._float_dtype(), temporal=temporal, what=what,
+                              loading=loading)
         targets = targets and self._compile_args.get("loss") is not None  # a model-computed loss needs no y
         if targets and isinstance(data, (data_mod.ArrayData, data_mod.DatasetData, data_mod.StreamData)) \
                 and data.y is None:
@@ -222,12 +224,14 @@ class Model:
             raise TypeError(f"shuffle must be True or False; got {shuffle!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"seed must be an integer or None; got {seed!r}")
+        data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
+        loading = data_mod.LoadOptions.from_fit(int(workers), int(max_queue_size))
         verbose = _resolve_verbose(verbose)
         should_validate = _validate_every(validation_freq)
-        train = self._adapt(x, y, sample_weight)
+        train = self._adapt(x, y, sample_weight, loading=loading)
         val = None
         if validation_data is not None:
-            val = self._adapt_validation(validation_data)
+            val = self._adapt_validation(validation_data, loading)
         elif validation_split:
             train, val = train.split(float(validation_split))
         if class_weight is not None and isinstance(train, data_mod.StreamData):
@@ -238,20 +242,26 @@ class Model:
                 w = train.sample_weight
                 cw = cw.reshape(cw.shape + (1,) * (w.dim() - cw.dim())) * w
             train = train.with_weights(cw)
+        plan_batch_size = _batch_size(train, batch_size, steps_per_epoch)
+        plan_val_batch_size = None if val is None else _batch_size(val, validation_batch_size or batch_size,
+                                                                   validation_steps)
+        if not isinstance(train, data_mod.StreamData):   # (a DataLoader with drop_last may leave none: an error here)
+            train.steps_per_pass(plan_batch_size)
+        if val is not None and not isinstance(val, data_mod.StreamData):
+            val.steps_per_pass(plan_val_batch_size)
         output_names = _output_names(train.y)
         self._remember_example(train)
         plan = trainer.FitPlan(
             epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, callbacks=list(callbacks or []),
-            view_metrics=view_metrics, batch_size=_batch_size(train, batch_size, steps_per_epoch),
-            steps_per_epoch=steps_per_epoch, shuffle=bool(shuffle), seed=seed,
-            val_batch_size=None if val is None else _batch_size(val, validation_batch_size or batch_size,
-                                                                validation_steps),
+            view_metrics=view_metrics, batch_size=plan_batch_size, steps_per_epoch=steps_per_epoch,
+            shuffle=bool(shuffle), seed=seed, val_batch_size=plan_val_batch_size,
             validation_steps=validation_steps, should_validate=should_validate, output_names=output_names)
         return trainer.run_fit(self, train, val, plan)
 
-    def _adapt_validation(self, validation_data: Any):
-        if isinstance(validation_data, torch.utils.data.Dataset) or data_mod.is_stream(validation_data):
-            return self._adapt(validation_data, what="validation_data")
+    def _adapt_validation(self, validation_data: Any, loading: data_mod.LoadOptions | None = None):
+        if isinstance(validation_data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)) \
+                or data_mod.is_stream(validation_data):
+            return self._adapt(validation_data, what="validation_data", loading=loading)
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
             raise ValueError("validation_data must be a tuple (x_val, y_val) or (x_val, y_val, val_sample_weight)")
         return self._adapt(*validation_data, what="validation_data x")
@@ -259,26 +269,36 @@ class Model:
     # -- evaluate / predict ----------------------------------------------------------------------------
     def evaluate(self, x: Any = None, y: Any = None, batch_size: int | None = None, verbose: Any = "auto",
                  sample_weight: Any = None, steps: int | None = None, callbacks: list[Callback] | None = None,
-                 return_dict: bool = False) -> Any:
-        """Loss (and metrics) over all samples of all ranks: a scalar, ``[loss, *metrics]`` or a dict."""
+                 return_dict: bool = False, workers: int = 0, use_multiprocessing: bool = False,
+                 max_queue_size: int = 10) -> Any:
+        """Loss (and metrics) over all samples of all ranks: a scalar, ``[loss, *metrics]`` or a dict.
+
+        ``workers``, ``use_multiprocessing``, ``max_queue_size``: as in ``fit`` (loading a map-style Dataset)."""
         if not self.compiled:
             raise RuntimeError(_NOT_COMPILED)
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(steps, "steps")
+        data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
         verbose = _resolve_verbose(verbose)
-        data = self._adapt(x, y, sample_weight)
+        data = self._adapt(x, y, sample_weight, loading=data_mod.LoadOptions.from_fit(int(workers),
+                                                                                       int(max_queue_size)))
         self._remember_example(data)
         logs = trainer.run_evaluate(self, data, _batch_size(data, batch_size, steps), steps, verbose, callbacks,
                                     _output_names(data.y))
         return _keras_result(logs, return_dict)
 
     def predict(self, x: Any, batch_size: int | None = None, verbose: Any = 0, steps: int | None = None,
-                callbacks: list[Callback] | None = None) -> Any:
-        """Predictions for every input row exactly once, in input order, returned on every rank (numpy)."""
+                callbacks: list[Callback] | None = None, workers: int = 0, use_multiprocessing: bool = False,
+                max_queue_size: int = 10) -> Any:
+        """Predictions for every input row exactly once, in input order, returned on every rank (numpy).
+
+        ``workers``, ``use_multiprocessing``, ``max_queue_size``: as in ``fit`` (loading a map-style Dataset).
+        A user's DataLoader with ``drop_last=True`` leaves out its partial last batch here too."""
         _check_positive_int(batch_size, "batch_size")
         _check_positive_int(steps, "steps")
+        data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
         verbose = _resolve_verbose(verbose)
-        data = self._adapt(x, targets=False)
+        data = self._adapt(x, targets=False, loading=data_mod.LoadOptions.from_fit(int(workers), int(max_queue_size)))
         self._remember_example(data)
         return _to_numpy(trainer.run_predict(self, data, _batch_size(data, batch_size, steps), steps, verbose,
                                              callbacks))
@@ -297,7 +317,10 @@ class Model:
         tracker = self._metric_set(names)
         engine = self._get_engine()
         batches = data.epoch(0, data.n, None, False, 0, dist.rank(), dist.world_size())
-        logs = engine.train_epoch(batches, tracker, CallbackList([], self, {}), names)
+        try:
+            logs = engine.train_epoch(batches, tracker, CallbackList([], self, {}), names)
+        finally:
+            trainer.close(data)
         return _keras_result(logs, return_dict)
 
     def test_on_batch(self, x: Any, y: Any = None, sample_weight: Any = None, return_dict: bool = False) -> Any:
@@ -409,7 +432,8 @@ def _batch_size(data: Any, batch_size: int | None, steps: int | None) -> int | N
         if batch_size is not None:
             raise ValueError("batch_size must be None when the input is a stream: each item of the stream is a batch")
         return None
-    return batch_size_for(data.n, batch_size, steps)
+    # a user's DataLoader brings its batch size (the global batch) unless fit's says otherwise
+    return batch_size_for(data.n, batch_size or getattr(data, "batch_size", None), steps)
 
 
 class Sequential(Model):

@@ -6,6 +6,7 @@ the job: ``data.EpochIterator`` decides which batches make each epoch, ``Engine`
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -73,10 +74,21 @@ def run_fit(model: "Model", train: Any, val: Any, plan: FitPlan) -> History:
     callbacks = CallbackList(cbs, model, params)
     model.history = history
     model.stop_training = False
-    warned = False
 
     callbacks.call("on_train_begin", {})
     logs: dict[str, float] = {}
+    try:
+        logs = _epochs(model, engine, plan, epochs, val_epochs, train_metrics, val_metrics, callbacks, params)
+    finally:  # loader workers end with training, also when it fails
+        close(train, val)
+    callbacks.call("on_train_end", dict(logs))  # the last epoch's logs, as Keras
+    return history
+
+
+def _epochs(model, engine, plan, epochs, val_epochs, train_metrics, val_metrics, callbacks, params):
+    """The epoch loop of ``run_fit``; returns the last epoch's logs."""
+    logs: dict[str, float] = {}
+    warned = False
     for epoch in range(plan.initial_epoch, plan.epochs):
         if not epochs.has_more():   # a one-shot stream is used up: Keras ends training here
             _warn_chief(INTERRUPTED)
@@ -94,8 +106,7 @@ def run_fit(model: "Model", train: Any, val: Any, plan: FitPlan) -> History:
         callbacks.call("on_epoch_end", epoch, logs)
         if agree_to_stop(model):
             break
-    callbacks.call("on_train_end", dict(logs))  # the last epoch's logs, as Keras
-    return history
+    return logs
 
 
 def run_test(model: "Model", epochs: EpochIterator, tracker: MetricSet, callbacks: CallbackList,
@@ -103,7 +114,8 @@ def run_test(model: "Model", epochs: EpochIterator, tracker: MetricSet, callback
     """One evaluation pass (validation inside fit, or evaluate): exact logs over all ranks."""
     callbacks.call("on_test_begin", {})
     epochs.restart()
-    logs = model._get_engine().test_epoch(epochs.epoch(0), tracker, callbacks, output_names)
+    with contextlib.closing(epochs.epoch(0)) as batches:   # an early exit still ends the loader's workers
+        logs = model._get_engine().test_epoch(batches, tracker, callbacks, output_names)
     callbacks.call("on_test_end", logs)
     return logs
 
@@ -115,7 +127,10 @@ def run_evaluate(model: "Model", data: Any, batch_size: int | None, steps: int |
     epochs = EpochIterator(data, batch_size, steps, rank=dist.rank(), world=dist.world_size())
     callback_list = CallbackList(with_progbar(callbacks, verbose), model,
                                  {"verbose": verbose, "steps": epochs.steps_hint})
-    return run_test(model, epochs, tracker, callback_list, output_names)
+    try:
+        return run_test(model, epochs, tracker, callback_list, output_names)
+    finally:
+        close(data)
 
 
 def run_predict(model: "Model", data: Any, batch_size: int | None, steps: int | None, verbose: int,
@@ -126,7 +141,11 @@ def run_predict(model: "Model", data: Any, batch_size: int | None, steps: int | 
     callback_list = CallbackList(with_progbar(callbacks, verbose), model,
                                  {"verbose": verbose, "steps": epochs.steps_hint})
     callback_list.call("on_predict_begin", {})
-    out = engine.predict(epochs.epoch(0), callback_list)
+    try:
+        with contextlib.closing(epochs.epoch(0)) as batches:
+            out = engine.predict(batches, callback_list)
+    finally:
+        close(data)
     callback_list.call("on_predict_end", {})
     return out
 
@@ -138,6 +157,14 @@ def agree_to_stop(model: "Model") -> bool:
     flag = dist.all_reduce_max(torch.tensor([1.0 if model.stop_training else 0.0]))
     model.stop_training = bool(flag.item())
     return model.stop_training
+
+
+def close(*adapters: Any) -> None:
+    """Shut down what the adapters started (loader worker processes)."""
+    for adapter in adapters:
+        closer = getattr(adapter, "close", None)
+        if closer is not None:
+            closer()
 
 
 def _warn_chief(message: str) -> None:

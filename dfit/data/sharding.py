@@ -70,10 +70,18 @@ def epoch_batches(per_pass: int, epoch: int, steps: int | None) -> tuple[int, ra
     return pass_index, range(chunk * steps, min((chunk + 1) * steps, per_pass))
 
 
+def batches_per_pass(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Global batches in a pass over ``n`` rows (``drop_last``: without the partial last one, as a DataLoader)."""
+    return n // batch_size if drop_last else num_batches(n, batch_size)
+
+
 def epoch_rows(n: int, batch_size: int, epoch: int, steps: int | None, shuffle: bool, seed: int,
-               rank: int, world: int) -> Iterator[tuple[slice | torch.Tensor, int]]:
-    """This rank's rows and the global batch size at each step of ``epoch`` (see ``epoch_batches``)."""
-    pass_index, batches = epoch_batches(num_batches(n, batch_size), epoch, steps)
+               rank: int, world: int, drop_last: bool = False) -> Iterator[tuple[slice | torch.Tensor, int]]:
+    """This rank's rows and the global batch size at each step of ``epoch`` (see ``epoch_batches``).
+
+    ``drop_last`` leaves out the partial last global batch of each pass (a shuffled pass still draws it from all
+    ``n`` rows, so which rows are left out changes from pass to pass)."""
+    pass_index, batches = epoch_batches(batches_per_pass(n, batch_size, drop_last), epoch, steps)
     plan = GlobalBatchPlan(n, batch_size, rank, world, shuffle, seed, pass_index)
     for step in batches:
         yield plan.rows(step)
