@@ -125,6 +125,39 @@ def test_a_dataloader_over_an_iterable_dataset_is_a_stream():
     assert seen == [B, B]
 
 
+def test_workers_read_a_stream_on_a_background_thread_with_the_same_result():
+    import threading
+
+    readers = set()
+
+    def gen():
+        for x, y in batches_of(10, 3):
+            readers.add(threading.current_thread().name)
+            yield x, y
+
+    plain, _, _, model = fit_recording(Batches(batches_of(10, 3)), epochs=2)
+    class Source:
+        def __iter__(self):
+            return gen()
+
+    threaded, _, _, _ = fit_recording(Source(), epochs=2, workers=2, max_queue_size=4)
+    assert threaded == plain == [B, B]
+    assert readers == {"dfit-stream-prefetch"}
+    assert not [t for t in threading.enumerate() if t.name == "dfit-stream-prefetch"]   # stopped with fit
+
+    def failing():
+        yield batches_of(10, 3)[0]
+        raise RuntimeError("the source broke")
+
+    class Failing:
+        def __iter__(self):
+            return failing()
+
+    with pytest.raises(RuntimeError, match="the source broke"):
+        frozen_model(Recorder()).fit(Failing(), epochs=1, verbose=0, workers=1)
+    assert not [t for t in threading.enumerate() if t.name == "dfit-stream-prefetch" and t.is_alive()]
+
+
 def test_validation_steps_evaluate_and_predict_steps_on_streams():
     rec = Recorder()
     model = frozen_model(rec)
@@ -269,3 +302,21 @@ def test_a_nondeterministic_stream_and_a_malformed_batch_stop_every_rank_clearly
     results = run_ranks(malformed_on_rank_1, 2, timeout=120)
     assert results[1][1] == "ValueError" and "rank 1" in results[1][2] and "x: 2, y: 3" in results[1][2]
     assert results[0][1] == "RuntimeError" and "failed on rank(s) [1]" in results[0][2]
+
+
+def test_the_deprecated_generator_aliases_accept_generators():
+    rec = Recorder()
+    model = frozen_model(rec)
+
+    def endless():
+        while True:
+            yield from batches_of(10, 3)
+
+    with pytest.warns(DeprecationWarning, match="fit_generator is deprecated"):
+        history = model.fit_generator(endless(), steps_per_epoch=4, epochs=2, verbose=0)
+    assert history.epoch == [0, 1] and rec.rows(True) == B * 2
+    with pytest.warns(DeprecationWarning, match="evaluate_generator is deprecated"):
+        model.evaluate_generator(endless(), steps=2)
+    with pytest.warns(DeprecationWarning, match="predict_generator is deprecated"):
+        out = model.predict_generator((x for x, _ in batches_of(10, 3)))
+    np.testing.assert_allclose(out, row_ids(10))

@@ -59,7 +59,8 @@ def adapt(x: Any, y: Any = None, sample_weight: Any = None, *, float_dtype: torc
         if y is not None or sample_weight is not None:
             raise ValueError(f"y and sample_weight must be None when {what} is a stream of batches: its items are "
                              "(x, y) or (x, y, sample_weight)")
-        return StreamData(x, float_dtype, temporal, what)
+        prefetch = loading.num_workers * (loading.prefetch_factor or 2)   # workers > 0: read on a thread
+        return StreamData(x, float_dtype, temporal, what, prefetch=prefetch)
     xs = to_structure(x, what, float_dtype)
     ys = None if y is None else to_structure(y, "y", float_dtype)
     n = ArrayData(xs, ys).n

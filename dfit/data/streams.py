@@ -16,6 +16,8 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import queue
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -69,6 +71,55 @@ def _nbytes(structure: Any) -> int:
     return sum(leaf.element_size() * leaf.numel() for leaf in flatten(structure))
 
 
+class _Prefetcher:
+    """Reads a pass of the source on a background thread, at most ``size`` items ahead (``fit(workers>0)``).
+
+    The items come out in order, exceptions are re-raised where the item would have come, and ``close`` stops the
+    thread (a generator is only ever advanced by that one thread)."""
+
+    _END = object()
+
+    def __init__(self, iterator: Iterator, size: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iterator,), name="dfit-stream-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self, iterator: Iterator) -> None:
+        try:
+            for item in iterator:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._put(("error", exc))
+
+    def _put(self, entry) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value
+        self._queue.put((kind, value))   # stay at the end (or keep raising)
+        if kind == "end":
+            raise StopIteration
+        raise value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class _Item:
     """One converted stream item: tensors, rows, and (default mode) its fingerprint."""
 
@@ -84,8 +135,10 @@ class StreamData:
     n = None
     sample_weight = None
 
-    def __init__(self, source: Any, float_dtype: torch.dtype, temporal: bool = False, what: str = "x"):
+    def __init__(self, source: Any, float_dtype: torch.dtype, temporal: bool = False, what: str = "x",
+                 prefetch: int = 0):
         self.source, self.float_dtype, self.temporal, self.what = source, float_dtype, temporal, what
+        self.prefetch = prefetch   # items read ahead on a background thread (0: read on the training thread)
         self.per_rank = isinstance(source, per_rank)
         self.one_shot = not self.per_rank and iter(source) is source
         self.class_weight: dict | None = None
@@ -133,9 +186,19 @@ class StreamData:
         if self.one_shot and self._passes > 0:
             return False
         self._passes += 1
-        self._iterator = iter(self.source.fn(rank, world)) if self.per_rank else iter(self.source)
+        self._close_prefetcher()
+        iterator = iter(self.source.fn(rank, world)) if self.per_rank else iter(self.source)
+        self._iterator = _Prefetcher(iterator, self.prefetch) if self.prefetch else iterator
         self._pass_ended = False
         return True
+
+    def _close_prefetcher(self) -> None:
+        if isinstance(self._iterator, _Prefetcher):
+            self._iterator.close()
+
+    def close(self) -> None:
+        """Stop the background reader, if any (at the end of fit/evaluate/predict)."""
+        self._close_prefetcher()
 
     def _peek(self) -> _Item | None:
         """The next item without consuming it (opens the first pass if needed; runs before any collective)."""
@@ -213,6 +276,7 @@ class StreamData:
             item = self._buffer.popleft()
             self._ready.append((item, size))
         if take == 0:                      # every rank agrees: the pass is over (leftovers of other ranks dropped)
+            self._close_prefetcher()
             self._pass_ended, self._iterator = True, None
             self._buffer.clear()
             self._pushback.clear()
@@ -252,6 +316,7 @@ class StreamData:
         cannot and continues."""
         if self.one_shot or self._iterator is None:
             return
+        self._close_prefetcher()
         self._iterator, self._pass_ended = None, False
         self._pushback.clear()
         self._buffer.clear()
