@@ -331,3 +331,97 @@ def test_hinge_decides_label_style_over_the_global_batch_on_1_2_3_ranks():
         got = run_ranks(hinge_run, world)[0]
         np.testing.assert_allclose(got[0], one[0], rtol=1e-9)
         np.testing.assert_allclose(got[1], one[1], rtol=1e-9)
+
+
+# -- the guide's first snippet: Keras optimizer, loss and metric OBJECTS ----------------------------------------
+def first_snippet_run():
+    import dfit
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(N, D))
+    y = rng.integers(0, 3, size=N)
+    torch.manual_seed(11)
+    module = nn.Sequential(nn.Linear(D, 3), nn.Softmax(dim=-1)).double()
+    model = dfit.Model(module)
+    model.compile(
+        optimizer=dfit.optimizers.RMSprop(learning_rate=1e-3),
+        loss=dfit.losses.SparseCategoricalCrossentropy(),
+        metrics=[dfit.metrics.SparseCategoricalAccuracy()],
+    )
+    history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    return history.history, [p.detach().numpy().copy() for p in module.parameters()], model.metrics_names
+
+
+def keras_rmsprop_reference():
+    """Keras' RMSprop written out: v = rho v + (1 - rho) g^2; w -= lr g / sqrt(v + eps)."""
+    rng = np.random.default_rng(7)
+    x, y = torch.tensor(rng.normal(size=(N, D))), torch.tensor(rng.integers(0, 3, size=N))
+    torch.manual_seed(11)
+    module = nn.Sequential(nn.Linear(D, 3), nn.Softmax(dim=-1)).double()
+    velocity = [torch.zeros_like(p) for p in module.parameters()]
+    losses, accuracies = [], []
+    for _ in range(EPOCHS):
+        total, correct = 0.0, 0.0
+        for start in range(0, N, BATCH):
+            xb, yb = x[start:start + BATCH], y[start:start + BATCH]
+            probs = module(xb)
+            clipped = (probs / probs.sum(-1, keepdim=True)).clamp(1e-7, 1 - 1e-7)   # Keras' probabilities path
+            loss = -torch.log(clipped.gather(1, yb[:, None])).mean()
+            correct += float((probs.argmax(-1) == yb).sum())
+            module.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p, v in zip(module.parameters(), velocity):
+                    v.mul_(0.9).add_(0.1 * p.grad ** 2)
+                    p -= 1e-3 * p.grad / torch.sqrt(v + 1e-7)
+            total += loss.item() * len(xb)
+        losses.append(total / N)
+        accuracies.append(correct / N)
+    return losses, accuracies, [p.detach().numpy().copy() for p in module.parameters()]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_guides_first_snippet_with_keras_objects(world):
+    history, weights, names = first_snippet_run() if world == 1 else run_ranks(first_snippet_run, 2)[0]
+    want_loss, want_acc, want_weights = keras_rmsprop_reference()
+    assert names == ["loss", "sparse_categorical_accuracy"]
+    np.testing.assert_allclose(history["loss"], want_loss, rtol=1e-10)
+    np.testing.assert_allclose(history["sparse_categorical_accuracy"], want_acc, rtol=1e-12)
+    for got, want in zip(weights, want_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+
+
+def schedule_run():
+    import dfit
+
+    x, y = data()
+    model = dfit.Model(initial_linear())
+    schedule = dfit.optimizers.schedules.ExponentialDecay(0.3, decay_steps=2, decay_rate=0.5)
+    model.compile(optimizer=dfit.optimizers.SGD(learning_rate=schedule), loss="mse")
+    history = model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0)
+    return history.history["loss"], [p.detach().numpy().copy() for p in model.module.parameters()]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_learning_rate_schedule_steps_per_optimizer_step(world):
+    """ExponentialDecay(0.3, decay_steps=2, decay_rate=0.5): lr at step k = 0.3 * 0.5 ** (k / 2)."""
+    losses, weights = schedule_run() if world == 1 else run_ranks(schedule_run, 2)[0]
+    x, y = data()
+    module = initial_linear()
+    xs, ys = torch.tensor(x), torch.tensor(y)
+    step, want = 0, []
+    for _ in range(EPOCHS):
+        total = 0.0
+        for start in range(0, N, BATCH):
+            loss = keras_mse(ys[start:start + BATCH], module(xs[start:start + BATCH])).mean()
+            module.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in module.parameters():
+                    p -= 0.3 * 0.5 ** (step / 2) * p.grad
+            step += 1
+            total += loss.item() * len(xs[start:start + BATCH])
+        want.append(total / N)
+    np.testing.assert_allclose(losses, want, rtol=1e-10)
+    for got, ref in zip(weights, module.parameters()):
+        np.testing.assert_allclose(got, ref.detach().numpy(), rtol=1e-10, atol=1e-13)
