@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -18,14 +18,15 @@ FORMAT = "dfit.model/1"
 _SKIP_ARGS = {"self", "device", "dtype"}
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """``write(file)`` into a temporary file beside ``path``, then rename: readers see the old file or the new
+    one, never a part, and a crash half-way leaves the old file and no temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -33,6 +34,11 @@ def atomic_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically (see ``atomic_write``)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _jsonable(value: Any) -> Any:
