@@ -253,6 +253,7 @@ def _failure_hook(info: LaunchInfo, previous):
     """
     def hook(exc_type, exc, tb):
         out = sys.__stderr__
+        mark_failing()
         try:
             if out is None:
                 previous(exc_type, exc, tb)
@@ -423,9 +424,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def mark_failing() -> None:
+    """This process is ending because of an error: exit at once, without the orderly leave of ``_leave_at_exit``
+    (which would let the other ranks fail first, and so be reported as the first failure)."""
+    _state["failing"] = True
+
+
 def _leave_at_exit() -> None:
     """Free what still uses the group (a DDP wrapper in a model/engine cycle), then leave it: a gloo group left to
     the interpreter's teardown aborts the process now and then ("terminate called without an active exception")."""
+    if _state.get("failing"):
+        return
     import gc
 
     gc.collect()

@@ -237,6 +237,9 @@ def _worker(argv: list[str]) -> None:
         main()
     except Exception as exc:  # SystemExit and KeyboardInterrupt pass, as under errors.record
         _record_quietly(exc)
+        from . import distributed
+
+        distributed.mark_failing()
         sys.exit(1)  # what an unhandled exception exits with
 
 
