@@ -24,6 +24,7 @@ unweighted), "predict" (all rows), "world_size"}``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 
@@ -149,6 +150,10 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump(result, fh)
     if world > 1:
+        # free the DDP wrapper (its reducer uses the group) before leaving: a gloo group left to the interpreter's
+        # teardown, or destroyed under a live reducer, aborts the process now and then
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
