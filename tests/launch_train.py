@@ -1,6 +1,9 @@
 """A small dfit training script for the launcher tests (runs unchanged under every launcher).
 
-Rank 0 writes {"history", "weights_sum", "world_size", "environment", "restart"} as JSON to --out.
+It trains, in float64 with plain SGD, the run that ``tests/reference_ddp.py`` (plain torch DDP, no dfit)
+trains: same data, initial weights, global batch size, epochs, validation split and shuffle seed.
+Rank 0 writes {"history", "weights" (each parameter flattened, in module order), "evaluate" ([loss, mae] on all
+rows, unweighted), "predict", "world_size", "environment", "restart"} as JSON to --out.
 --fail-rank R: rank R raises ValueError at step 3 (batch index 2) of epoch 1 (the first epoch).
 --fail-once-marker PATH: only fail while PATH does not exist (it is created on failing): tests restarts.
 --fail-stamp PATH: the failing rank writes time.time() there just before raising.
@@ -13,9 +16,9 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 import dfit
+from reference_ddp import CONFIG, make_data, make_net
 
 
 class FailAt(dfit.callbacks.Callback):
@@ -45,28 +48,29 @@ class FailAt(dfit.callbacks.Callback):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=CONFIG["epochs"])
     p.add_argument("--fail-rank", type=int)
     p.add_argument("--fail-once-marker")
     p.add_argument("--fail-stamp")
     p.add_argument("--tag")
     args = p.parse_args()
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(300, 8)).astype(np.float32)
-    y = (x @ rng.normal(size=(8, 1)) + 0.1 * rng.normal(size=(300, 1))).astype(np.float32)
-    torch.manual_seed(0)
-    model = dfit.Sequential([nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)])
-    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    x, y, w = make_data()
+    c = CONFIG
+    model = dfit.Model(make_net())
+    model.compile(optimizer=dfit.optimizers.SGD(learning_rate=c["learning_rate"]), loss="mse", metrics=["mae"])
     callbacks = [FailAt(args.fail_rank, args.fail_once_marker, args.fail_stamp)] if args.fail_rank is not None else []
     epochs = args.epochs if args.fail_rank is None or args.fail_once_marker else 1000
-    history = model.fit(x, y, batch_size=30, epochs=epochs, validation_split=0.2, seed=0, verbose=0,
-                        callbacks=callbacks)
+    history = model.fit(x, y, sample_weight=w, batch_size=c["batch_size"], epochs=epochs,
+                        validation_split=c["validation_split"], seed=c["seed"], verbose=0, callbacks=callbacks)
+    evaluate = model.evaluate(x, y, batch_size=c["batch_size"], verbose=0)
+    predict = model.predict(x, batch_size=c["batch_size"])
     if dfit.distributed.is_chief() and args.out:
         with open(args.out, "w") as fh:
             json.dump({"history": history.history, "world_size": dfit.distributed.world_size(),
                        "environment": dfit.distributed.environment(),
-                       "weights_sum": float(sum(p.detach().double().sum() for p in model.module.parameters())),
+                       "weights": [p.detach().reshape(-1).tolist() for p in model.module.parameters()],
+                       "evaluate": evaluate, "predict": np.asarray(predict)[:, 0].tolist(),
                        "restart": os.environ.get("TORCHELASTIC_RESTART_COUNT")}, fh)
 
 
