@@ -43,18 +43,35 @@ def run_job(cmd: list[str], timeout: float, env: dict | None = None, cwd: str | 
 
     On a timeout the whole group is killed (the command and every process it started: a launcher's workers
     cannot outlive it) and an AssertionError carries what it printed so far."""
-    proc = subprocess.Popen(cmd, env=env if env is not None else launch_env(), cwd=cwd, stdout=subprocess.PIPE,
+    tag = f"dfit-job-{uuid.uuid4().hex[:12]}"
+    env = dict(env if env is not None else launch_env(), DFIT_TEST_JOB=tag)   # inherited by every descendant
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
+        _kill_job(proc.pid, tag)
         out, err = proc.communicate()
-        raise AssertionError(f"{cmd} did not end within {timeout} s; its process group was killed.\n"
+        raise AssertionError(f"{cmd} did not end within {timeout} s; its processes were killed.\n"
                              f"stdout:\n{out}\nstderr:\n{err}") from None
     finally:
-        _kill_group(proc.pid)  # what the command left running in its group
+        _kill_job(proc.pid, tag)  # what the command left running, also in sessions of their own
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_job(pgid: int, tag: str) -> None:
+    """Kill the command's process group and every process carrying its tag in the environment (a launcher such
+    as torch elastic starts its workers in sessions of their own, outside the group)."""
+    _kill_group(pgid)
+    needle = f"DFIT_TEST_JOB={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            continue
 
 
 def _kill_group(pgid: int) -> None:

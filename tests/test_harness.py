@@ -28,7 +28,7 @@ def test_run_job_returns_the_output_and_exit_code():
 
 
 def test_run_job_timeout_kills_the_whole_process_group(tag):
-    with pytest.raises(AssertionError, match=r"did not end within 3 s; its process group was killed(.|\n)*started"):
+    with pytest.raises(AssertionError, match=r"did not end within 3 s; its processes were killed(.|\n)*started"):
         run_job([sys.executable, "-c", _sleeper_code(tag), tag], timeout=3, env=launch_env())
     assert wait_no_process(tag, timeout=10) == []
 
