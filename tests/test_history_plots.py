@@ -96,21 +96,27 @@ def test_to_dataframe_is_indexed_by_epoch():
 
 
 class _PlotSpy:
-    """Wraps dfit.plotting.plot_history, recording (epochs plotted, path) of each call."""
+    """Wraps dfit.plotting.plot_history and history_png, recording (epochs plotted, path) of each call
+    (path "png-bytes" for a live plot's image)."""
 
     def __init__(self):
         self.calls: list[tuple[list[int], str | None]] = []
-        self.real = dfit.plotting.plot_history
+        self.real, self.real_png = dfit.plotting.plot_history, dfit.plotting.history_png
 
     def __call__(self, history, epochs, path=None):
         self.calls.append((list(epochs), path))
         return self.real(history, epochs, path)
+
+    def png(self, history, epochs, dpi=80):
+        self.calls.append((list(epochs), "png-bytes"))
+        return self.real_png(history, epochs, dpi)
 
 
 @pytest.fixture
 def plot_spy(monkeypatch):
     spy = _PlotSpy()
     monkeypatch.setattr(dfit.plotting, "plot_history", spy)
+    monkeypatch.setattr(dfit.plotting, "history_png", spy.png)
     return spy
 
 
@@ -138,21 +144,53 @@ def test_view_metrics_auto_does_nothing_outside_a_notebook(plot_spy, verbose, ca
 
 @pytest.fixture
 def fake_notebook(monkeypatch):
-    """in_notebook() true, and IPython's display functions recording what they are given."""
+    """in_notebook() true, and IPython's display recording what is shown: ("display", image) for a new output,
+    ("update", handle number, image) for an update of an existing one."""
     from IPython import display
 
     shown: list = []
+
+    class Handle:
+        def __init__(self, number):
+            self.number = number
+
+        def update(self, obj):
+            shown.append(("update", self.number, obj))
+
+    def fake_display(obj, display_id=None):
+        shown.append(("display", obj))
+        return Handle(len([s for s in shown if s[0] == "display"])) if display_id else None
+
+    def no_clear(wait=False):
+        raise AssertionError("clear_output would also wipe the progress bar")
+
     monkeypatch.setattr(dfit.plotting, "in_notebook", lambda: True)
-    monkeypatch.setattr(display, "display", lambda fig: shown.append(fig))
-    monkeypatch.setattr(display, "clear_output", lambda wait=False: shown.append("clear"))
+    monkeypatch.setattr(display, "display", fake_display)
+    monkeypatch.setattr(display, "clear_output", no_clear)
     return shown
 
 
-def test_view_metrics_auto_in_a_notebook_redraws_every_epoch(plot_spy, fake_notebook, capsys):
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_MAGIC
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_view_metrics_auto_in_a_notebook_updates_one_image_every_epoch(plot_spy, fake_notebook, capsys):
     _fit(epochs=3, verbose=1)
-    assert plot_spy.calls == [([0], None), ([0, 1], None), ([0, 1, 2], None)]
-    assert [type(item).__name__ if item != "clear" else item for item in fake_notebook] == ["clear", "Figure"] * 3
-    assert plt.get_fignums() == []  # each drawn figure is closed after display
+    assert plot_spy.calls == [([0], "png-bytes"), ([0, 1], "png-bytes"), ([0, 1, 2], "png-bytes")]
+    # one output created, then updated in place (same handle): not one image per epoch
+    assert [item[:2] if item[0] == "update" else item[0] for item in fake_notebook] == \
+        ["display", ("update", 1), ("update", 1)]
+    images = [item[-1] for item in fake_notebook]
+    assert all(type(im).__name__ == "Image" and im.format == "png" for im in images)
+    assert len({im.data for im in images}) == 3  # each epoch's image differs (one more point per curve)
+    width, height = _png_size(images[-1].data)
+    assert (width, height) == (480, 416)  # 6 x 5.2 inches at 80 dpi: two panels (loss, mae)
+    assert plt.get_fignums() == []  # nothing left open for the inline backend to show again
+    # a second fit draws a new image of its own
+    _fit(epochs=2, verbose=1)
+    assert [item[0] for item in fake_notebook[3:]] == ["display", "update"]
+    assert fake_notebook[4][1] == 2
 
 
 @pytest.mark.parametrize("options", [{"epochs": 1, "verbose": 1}, {"epochs": 3, "verbose": 0}],
@@ -170,4 +208,5 @@ def test_view_metrics_false_disables_even_in_a_notebook(plot_spy, fake_notebook,
 
 def test_view_metrics_true_forces_the_live_plot(plot_spy, fake_notebook):
     _fit(epochs=2, verbose=0, view_metrics=True)
-    assert plot_spy.calls == [([0], None), ([0, 1], None)]
+    assert plot_spy.calls == [([0], "png-bytes"), ([0, 1], "png-bytes")]
+    assert [item[0] for item in fake_notebook] == ["display", "update"]
