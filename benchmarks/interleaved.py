@@ -35,8 +35,10 @@ def _barrier() -> None:
         tdist.barrier()
 
 
-def run_rounds(variants: dict[str, Variant], rounds: int, rank: int) -> None:
-    """In a worker: warm up every variant, run the interleaved rounds, rank 0 prints the per-step times."""
+def run_rounds(variants: dict[str, Variant], rounds: int, rank: int,
+               after: Callable[[], dict[str, list[float]]] | None = None) -> None:
+    """In a worker: warm up every variant, run the interleaved rounds, rank 0 prints the per-step times
+    (and whatever ``after()`` measures then, under its own keys)."""
     import torch
 
     torch.set_num_threads(1)
@@ -52,6 +54,8 @@ def run_rounds(variants: dict[str, Variant], rounds: int, rank: int) -> None:
             steps = variants[name]()
             _barrier()
             times[name].append((time.perf_counter() - t0) / steps)
+    if after is not None:
+        times.update(after())
     if rank == 0:
         print(PREFIX + json.dumps(times), flush=True)
 
@@ -73,6 +77,11 @@ def launch(script: str, world: int, extra: list[str], timeout: float = 1800) -> 
     if not lines:
         raise RuntimeError(f"rank 0 of {world} reported nothing:\n{outs[0][0][-2000:]}\n{outs[0][1][-2000:]}")
     return json.loads(lines[-1][len(PREFIX):])
+
+
+def fastest_ratio(times: dict[str, list[float]], name: str, baseline: str) -> float:
+    """Best round of ``name`` over best round of ``baseline``: the least noise-sensitive figure on a busy machine."""
+    return min(times[name]) / min(times[baseline])
 
 
 def ratios(times: dict[str, list[float]], name: str, baseline: str) -> list[float]:
