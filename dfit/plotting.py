@@ -40,6 +40,8 @@ def _panels(history: dict[str, list[float]]) -> list[str]:
 
 
 def _draw(fig: Any, history: dict[str, list[float]], epochs: list[int]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     metrics = _panels(history)
     axes = fig.subplots(max(len(metrics), 1), 1, squeeze=False, sharex=True)
     x = [e + 1 for e in epochs]  # epochs counted from 1, as Keras prints them
@@ -52,6 +54,7 @@ def _draw(fig: Any, history: dict[str, list[float]], epochs: list[int]) -> None:
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
     axes[-1, 0].set_xlabel("epoch")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
     fig.tight_layout()
 
 

@@ -66,6 +66,38 @@ def test_history_plot_writes_a_png_with_one_axes_per_metric(tmp_path):
     assert plt.get_fignums() == []  # a figure written to a file is closed
 
 
+def _panel_frames(png_path) -> int:
+    """How many axes frames a column of pixels (40 % across, between x ticks) crosses: 2 black spines each."""
+    import matplotlib.image as mpimg
+
+    rgb = mpimg.imread(str(png_path))[..., :3]
+    dark = rgb[:, int(rgb.shape[1] * 0.4)].max(axis=1) < 0.25
+    return int((np.diff(dark.astype(int)) == 1).sum()) // 2
+
+
+@pytest.mark.parametrize("metrics", [["loss"], ["loss", "mae"], ["loss", "mae", "mse"]])
+def test_history_plot_png_pixels_size_not_blank_one_panel_per_metric(tmp_path, metrics):
+    import matplotlib.image as mpimg
+
+    history = {}
+    for i, name in enumerate(metrics):
+        history[name] = [1.0 + i, 0.6 + i, 0.4 + i]
+    for i, name in enumerate(metrics):
+        history[f"val_{name}"] = [1.1 + i, 0.8 + i, 0.7 + i]
+    h = dfit.callbacks.History()
+    h.history, h.epoch = history, [0, 1, 2]
+    path = tmp_path / "h.png"
+    h.plot(path=str(path))
+    rgb = mpimg.imread(str(path))[..., :3]
+    assert rgb.shape[:2] == (round(260 * len(metrics)), 600)  # 6 x 2.6 inches per panel at 100 dpi
+    drawn = rgb.min(axis=2) < 0.95
+    assert 0.03 < drawn.mean() < 0.5  # curves, axes and text, on a white background
+    blue = (rgb[..., 2] > 0.6) & (rgb[..., 0] < 0.3)   # the training curves (matplotlib's C0)
+    orange = (rgb[..., 0] > 0.9) & (rgb[..., 1] > 0.4) & (rgb[..., 1] < 0.6) & (rgb[..., 2] < 0.2)  # C1
+    assert blue.sum() > 200 and orange.sum() > 200
+    assert _panel_frames(path) == len(metrics)
+
+
 def test_history_plot_without_a_path_returns_the_open_figure(tmp_path):
     _, history = _fit(epochs=2)
     fig = history.plot()
