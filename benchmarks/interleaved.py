@@ -4,7 +4,10 @@ Used by ``callbacks.py`` and ``streams.py``. Each world size runs in its own fre
 launched like torchrun: RANK/WORLD_SIZE/MASTER_* set, so dfit joins the group on its first fit). Every rank
 builds the same variants, runs each once untimed (warm-up, group start), then ``rounds`` rounds: in each round
 every variant fits one epoch, in an order shuffled per round (the same on every rank), timed on rank 0
-between barriers. Rank 0 prints one JSON line: variant -> per-round seconds per step.
+between barriers. Rank 0 prints one JSON line: variant -> per-round seconds per step (wall clock), and
+"cpu:" + variant -> the same in CPU seconds of the process (all its threads). On a machine shared with other
+jobs the wall-clock ratio also measures when the others ran; the CPU-time ratio measures the work each variant
+does (it leaves out time spent waiting, e.g. for the other rank in a collective).
 A ratio is taken per round against the baseline variant of the same round, reported as the median over rounds
 with its min..max spread.
 """
@@ -45,15 +48,18 @@ def run_rounds(variants: dict[str, Variant], rounds: int, rank: int,
     for fn in variants.values():   # untimed: dfit joins the group, allocators and caches warm up
         fn()
     times: dict[str, list[float]] = {name: [] for name in variants}
+    times.update({f"cpu:{name}": [] for name in variants})
     for r in range(rounds):
         order = list(variants)
         random.Random(1000 + r).shuffle(order)   # the same order on every rank
         for name in order:
             _barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             steps = variants[name]()
+            c1 = time.process_time()
             _barrier()
             times[name].append((time.perf_counter() - t0) / steps)
+            times[f"cpu:{name}"].append((c1 - c0) / steps)
     if after is not None:
         times.update(after())
     if rank == 0:
@@ -91,13 +97,15 @@ def ratios(times: dict[str, list[float]], name: str, baseline: str) -> list[floa
 def table(results: dict[int, dict[str, list[float]]], labels: dict[str, str], baseline: str) -> list[str]:
     """Markdown rows: processes, variant, rounds, median µs/step, median per-round ratio, min..max."""
     lines = [f"| processes | variant | rounds | median µs/step | / {labels[baseline]} (median of per-round ratios) "
-             "| range |", "|---|---|---|---|---|---|"]
+             "| range | CPU µs/step | CPU-time ratio (median) |", "|---|---|---|---|---|---|---|---|"]
     for world, times in results.items():
         for name, label in labels.items():
             rs = ratios(times, name, baseline)
+            cpu = ratios(times, f"cpu:{name}", f"cpu:{baseline}")
             spread = "—" if name == baseline else f"{min(rs):.3f}..{max(rs):.3f}"
             lines.append(f"| {world} | {label} | {len(times[name])} | {statistics.median(times[name]) * 1e6:,.1f} "
-                         f"| {statistics.median(rs):.3f} | {spread} |")
+                         f"| {statistics.median(rs):.3f} | {spread} | {statistics.median(times[f'cpu:{name}']) * 1e6:,.1f}"
+                         f" | {statistics.median(cpu):.3f} |")
     return lines
 
 

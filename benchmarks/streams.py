@@ -114,8 +114,11 @@ def main(argv=None) -> int:
     summary = []
     for world, times in results.items():
         med = {name: interleaved.statistics.median(interleaved.ratios(times, name, "arrays")) for name in LABELS}
+        cpu = {name: interleaved.statistics.median(interleaved.ratios(times, f"cpu:{name}", "cpu:arrays"))
+               for name in LABELS}
         summary.append(f"- {world} process(es): generator / arrays = {med['stream']:.3f}, per_rank / arrays = "
-                       f"{med['per_rank']:.3f}, agreement every step / arrays = {med['stream_k1']:.3f}")
+                       f"{med['per_rank']:.3f}, agreement every step / arrays = {med['stream_k1']:.3f} (wall clock); "
+                       f"CPU time: {cpu['stream']:.3f}, {cpu['per_rank']:.3f}, {cpu['stream_k1']:.3f}")
     text = "\n".join([head, "", *interleaved.table(results, LABELS, "arrays"), "", *summary, ""])
     common.publish(text, args.results, append=not args.no_append)
     return 0
