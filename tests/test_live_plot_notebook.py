@@ -69,3 +69,40 @@ def test_live_plot_is_one_updated_image_in_a_jupyter_cell(monkeypatch):
         assert hashlib.sha256(final).hexdigest() == digest  # the image now shows all three epochs
     fit_text = "".join(o.get("text", "") for o in nb.cells[1].outputs)
     assert "Epoch 3/3" in fit_text  # the progress bar's output stays beside the plot (no clear_output)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_multi_gpu_model_sends_rank_0_epoch_logs_to_the_callers_live_plot(monkeypatch, start_method):
+    """Outside a notebook too (view_metrics=True): the caller receives every epoch's logs, in order, equal to
+    the History that comes back, while the workers train (over a multiprocessing queue)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import dfit
+    import dfit.plotting
+
+    for key, value in launch_env().items():
+        monkeypatch.setenv(key, value)
+    received: list = []
+
+    class RecordingPlot:
+        def add(self, epoch, logs):
+            received.append((epoch, dict(logs)))
+
+    monkeypatch.setattr(dfit.plotting, "LivePlot", RecordingPlot)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 3)), rng.normal(size=(64, 1))
+    torch.manual_seed(0)
+    model = dfit.Sequential([nn.Linear(3, 1, dtype=torch.float64)])
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    history = dfit.multi_gpu_model(model, gpus=2, start_method=start_method).fit(
+        x, y, batch_size=16, epochs=3, validation_split=0.25, verbose=0, view_metrics=True, seed=0)
+    assert [epoch for epoch, _ in received] == [0, 1, 2]
+    for epoch, logs in received:
+        assert logs == {key: values[epoch] for key, values in history.history.items()}
+    received.clear()
+    dfit.multi_gpu_model(model, gpus=2, start_method=start_method).fit(x, y, batch_size=16, epochs=3, verbose=0,
+                                                                       view_metrics=False)
+    assert received == []  # no live plot asked for: no channel, nothing sent
