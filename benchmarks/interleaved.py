@@ -103,9 +103,10 @@ def table(results: dict[int, dict[str, list[float]]], labels: dict[str, str], ba
             rs = ratios(times, name, baseline)
             cpu = ratios(times, f"cpu:{name}", f"cpu:{baseline}")
             spread = "—" if name == baseline else f"{min(rs):.3f}..{max(rs):.3f}"
-            lines.append(f"| {world} | {label} | {len(times[name])} | {statistics.median(times[name]) * 1e6:,.1f} "
-                         f"| {statistics.median(rs):.3f} | {spread} | {statistics.median(times[f'cpu:{name}']) * 1e6:,.1f}"
-                         f" | {statistics.median(cpu):.3f} |")
+            wall_us = statistics.median(times[name]) * 1e6
+            cpu_us = statistics.median(times[f"cpu:{name}"]) * 1e6
+            lines.append(f"| {world} | {label} | {len(times[name])} | {wall_us:,.1f} | {statistics.median(rs):.3f} "
+                         f"| {spread} | {cpu_us:,.1f} | {statistics.median(cpu):.3f} |")
     return lines
 
 
