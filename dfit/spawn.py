@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import distributed as dd
+from .callbacks.base import Callback
 
 __all__ = ["multi_gpu_model", "ParallelModel"]
 
@@ -150,9 +151,52 @@ def _cpu(obj: Any) -> Any:
     return obj
 
 
+class _SendEpochLogs(Callback):
+    """In a worker (rank 0): put each epoch's logs on the caller's queue, for its live plot.
+
+    ``Queue.put`` hands the item to a feeder thread and returns at once: the worker never waits for the caller.
+    """
+
+    def __init__(self, queue: Any) -> None:
+        super().__init__()
+        self.queue = queue
+
+    def on_epoch_end(self, epoch, logs=None):
+        if dd.is_chief():
+            self.queue.put((int(epoch), {k: float(v) for k, v in (logs or {}).items()}))
+
+
+def _with_callback(model: Any, method: str, args: tuple, kwargs: dict, callback: Any) -> tuple[tuple, dict]:
+    """The call's arguments with ``callback`` appended to its ``callbacks``."""
+    import inspect
+
+    bound = inspect.signature(getattr(model, method)).bind(*args, **kwargs)
+    bound.arguments["callbacks"] = list(bound.arguments.get("callbacks") or []) + [callback]
+    return bound.args, bound.kwargs
+
+
+def _live_plot_wanted(model: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``fit(*args, **kwargs)`` asks for the live plot (drawn here, in the caller, from the workers' logs)."""
+    import inspect
+
+    from .model import _resolve_verbose
+    from .plotting import wants_live_plot
+
+    try:
+        bound = inspect.signature(model.fit).bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        return wants_live_plot(a["view_metrics"], int(a["epochs"]) - int(a["initial_epoch"]),
+                               _resolve_verbose(a["verbose"]))
+    except (TypeError, ValueError, KeyError):
+        return False  # the worker's fit raises the clear error
+
+
 def _worker(local_rank: int, world: int, port: int, model: Any, method: str, args: tuple, kwargs: dict,
-            result_dir: str, cuda_ids: Sequence[int] | None) -> None:
-    """One worker: join the group through the caller's store, run the method, rank 0 writes the result."""
+            result_dir: str, cuda_ids: Sequence[int] | None, epoch_logs: Any = None) -> None:
+    """One worker: join the group through the caller's store, run the method, rank 0 writes the result.
+
+    ``epoch_logs``: a queue on which rank 0 puts each epoch's logs during ``fit`` (for the caller's live plot)."""
     if isinstance(model, bytes):
         # spawn/forkserver: the model comes by value (torch's multiprocessing pickler would put its
         # parameters in shared memory, and every worker would then train the same tensors).
@@ -169,6 +213,8 @@ def _worker(local_rank: int, world: int, port: int, model: Any, method: str, arg
     # A forked worker inherits the caller's single-process state: forget it and join the group afresh.
     dd.shutdown()
     dd.init()
+    if epoch_logs is not None and dd.is_chief():
+        args, kwargs = _with_callback(model, method, args, kwargs, _SendEpochLogs(epoch_logs))
     result = getattr(model, method)(*args, **kwargs)
     if dd.is_chief():
         payload: dict[str, Any] = {"result": None}
@@ -186,6 +232,25 @@ def _worker(local_rank: int, world: int, port: int, model: Any, method: str, arg
             pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, os.path.join(result_dir, "result.pkl"))
     dd.shutdown()
+
+
+def _draw_epochs(epoch_logs: Any, live: Any) -> None:
+    """Draw every epoch's logs that rank 0 has sent since the last call (never waits)."""
+    import queue
+
+    while True:
+        try:
+            epoch, logs = epoch_logs.get_nowait()
+        except queue.Empty:
+            return
+        if getattr(live, "failed", False):
+            continue  # keep reading, so that rank 0 never waits on a full pipe
+        try:
+            live.add(epoch, logs)
+        except Exception as exc:  # noqa: BLE001 - a plot that cannot be drawn must not stop training
+            live.failed = True
+            _log.warning("multi_gpu_model: the live plot could not be drawn (%s: %s); training goes on",
+                         type(exc).__name__, exc)
 
 
 class ParallelModel:
@@ -273,15 +338,24 @@ class ParallelModel:
         store = tdist.TCPStore("127.0.0.1", 0, self.nprocs, is_master=True, timeout=timeout,
                                wait_for_workers=False)
         result_dir = tempfile.mkdtemp(prefix="dfit-spawn-")
+        live = None
+        epoch_logs = None
+        if method == "fit" and _live_plot_wanted(self.model, args, kwargs):
+            from .plotting import LivePlot
+
+            live, epoch_logs = LivePlot(), tmp.get_context(self.start_method).Queue()
         try:
             model = self.model if model_blob is None else model_blob
             context = tmp.start_processes(
                 _worker, args=(self.nprocs, store.port, model, method, args, kwargs, result_dir,
-                               self.cuda_ids),
+                               self.cuda_ids, epoch_logs),
                 nprocs=self.nprocs, join=False, daemon=False, start_method=self.start_method)
             try:
-                while not context.join():
-                    pass
+                while not context.join(timeout=None if live is None else 0.25):
+                    if live is not None:
+                        _draw_epochs(epoch_logs, live)
+                if live is not None:
+                    _draw_epochs(epoch_logs, live)
             except tmp.ProcessRaisedException as exc:
                 raise SpawnError(f"multi_gpu_model.{method}: rank {exc.error_index} of {self.nprocs} failed "
                                  f"(the other workers were ended):\n{exc}") from None

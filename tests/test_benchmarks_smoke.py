@@ -103,3 +103,34 @@ def test_gpu_benchmark_skips_without_cuda_and_runs_a_cpu_smoke():
     assert {(r[0], r[1]) for r in rows} == {("resnet", "32"), ("resnet", "bf16-mixed"),
                                             ("transformer", "32"), ("transformer", "bf16-mixed")}
     assert all(_num(r[4]) > 0 and _num(r[5]) > 0 for r in rows)
+
+
+def _rows_by(rows: list[list[str]]) -> dict[tuple[str, str], list[str]]:
+    return {(r[0], r[1]): r for r in rows}
+
+
+def test_callbacks_benchmark_tiny(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = _run([str(BENCH / "callbacks.py"), "--rounds", "1", "--samples", "256", "--results", str(results)])
+    header, rows = _table(out, "processes")
+    assert header[:4] == ["processes", "variant", "rounds", "median µs/step"]
+    got = _rows_by(rows)
+    for world in ("1", "2"):
+        assert _num(got[(world, "fit, no callbacks")][4]) == 1.0
+        row = got[(world, "fit + ModelCheckpoint + EarlyStopping + CSVLogger")]
+        assert _num(row[3]) > 0 and _num(row[4]) > 0
+    assert re.search(r"- 2 process\(es\): callbacks / none = \d+\.\d+ \(target <= 1.02\)", out)
+    assert re.search(r"epoch-end work alone .* \d+\.\d ms per epoch", out)
+    assert "### Callbacks (issue 13)" in results.read_text()
+
+
+def test_streams_benchmark_tiny():
+    out = _run([str(BENCH / "streams.py"), "--rounds", "1", "--samples", "256", "--no-append"])
+    header, rows = _table(out, "processes")
+    got = _rows_by(rows)
+    for world in ("1", "2"):
+        assert _num(got[(world, "arrays")][4]) == 1.0
+        for variant in ("generator (default mode)", "generator, agreement every step (k=1)",
+                        "dfit.data.per_rank(fn)"):
+            assert _num(got[(world, variant)][3]) > 0 and _num(got[(world, variant)][4]) > 0
+    assert re.search(r"- 2 process\(es\): generator / arrays = \d+\.\d+, per_rank / arrays = \d+\.\d+", out)

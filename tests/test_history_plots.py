@@ -66,6 +66,38 @@ def test_history_plot_writes_a_png_with_one_axes_per_metric(tmp_path):
     assert plt.get_fignums() == []  # a figure written to a file is closed
 
 
+def _panel_frames(png_path) -> int:
+    """How many axes frames a column of pixels (40 % across, between x ticks) crosses: 2 black spines each."""
+    import matplotlib.image as mpimg
+
+    rgb = mpimg.imread(str(png_path))[..., :3]
+    dark = rgb[:, int(rgb.shape[1] * 0.4)].max(axis=1) < 0.25
+    return int((np.diff(dark.astype(int)) == 1).sum()) // 2
+
+
+@pytest.mark.parametrize("metrics", [["loss"], ["loss", "mae"], ["loss", "mae", "mse"]])
+def test_history_plot_png_pixels_size_not_blank_one_panel_per_metric(tmp_path, metrics):
+    import matplotlib.image as mpimg
+
+    history = {}
+    for i, name in enumerate(metrics):
+        history[name] = [1.0 + i, 0.6 + i, 0.4 + i]
+    for i, name in enumerate(metrics):
+        history[f"val_{name}"] = [1.1 + i, 0.8 + i, 0.7 + i]
+    h = dfit.callbacks.History()
+    h.history, h.epoch = history, [0, 1, 2]
+    path = tmp_path / "h.png"
+    h.plot(path=str(path))
+    rgb = mpimg.imread(str(path))[..., :3]
+    assert rgb.shape[:2] == (round(260 * len(metrics)), 600)  # 6 x 2.6 inches per panel at 100 dpi
+    drawn = rgb.min(axis=2) < 0.95
+    assert 0.03 < drawn.mean() < 0.5  # curves, axes and text, on a white background
+    blue = (rgb[..., 2] > 0.6) & (rgb[..., 0] < 0.3)   # the training curves (matplotlib's C0)
+    orange = (rgb[..., 0] > 0.9) & (rgb[..., 1] > 0.4) & (rgb[..., 1] < 0.6) & (rgb[..., 2] < 0.2)  # C1
+    assert blue.sum() > 200 and orange.sum() > 200
+    assert _panel_frames(path) == len(metrics)
+
+
 def test_history_plot_without_a_path_returns_the_open_figure(tmp_path):
     _, history = _fit(epochs=2)
     fig = history.plot()
@@ -96,21 +128,27 @@ def test_to_dataframe_is_indexed_by_epoch():
 
 
 class _PlotSpy:
-    """Wraps dfit.plotting.plot_history, recording (epochs plotted, path) of each call."""
+    """Wraps dfit.plotting.plot_history and history_png, recording (epochs plotted, path) of each call
+    (path "png-bytes" for a live plot's image)."""
 
     def __init__(self):
         self.calls: list[tuple[list[int], str | None]] = []
-        self.real = dfit.plotting.plot_history
+        self.real, self.real_png = dfit.plotting.plot_history, dfit.plotting.history_png
 
     def __call__(self, history, epochs, path=None):
         self.calls.append((list(epochs), path))
         return self.real(history, epochs, path)
+
+    def png(self, history, epochs, dpi=80):
+        self.calls.append((list(epochs), "png-bytes"))
+        return self.real_png(history, epochs, dpi)
 
 
 @pytest.fixture
 def plot_spy(monkeypatch):
     spy = _PlotSpy()
     monkeypatch.setattr(dfit.plotting, "plot_history", spy)
+    monkeypatch.setattr(dfit.plotting, "history_png", spy.png)
     return spy
 
 
@@ -138,21 +176,53 @@ def test_view_metrics_auto_does_nothing_outside_a_notebook(plot_spy, verbose, ca
 
 @pytest.fixture
 def fake_notebook(monkeypatch):
-    """in_notebook() true, and IPython's display functions recording what they are given."""
+    """in_notebook() true, and IPython's display recording what is shown: ("display", image) for a new output,
+    ("update", handle number, image) for an update of an existing one."""
     from IPython import display
 
     shown: list = []
+
+    class Handle:
+        def __init__(self, number):
+            self.number = number
+
+        def update(self, obj):
+            shown.append(("update", self.number, obj))
+
+    def fake_display(obj, display_id=None):
+        shown.append(("display", obj))
+        return Handle(len([s for s in shown if s[0] == "display"])) if display_id else None
+
+    def no_clear(wait=False):
+        raise AssertionError("clear_output would also wipe the progress bar")
+
     monkeypatch.setattr(dfit.plotting, "in_notebook", lambda: True)
-    monkeypatch.setattr(display, "display", lambda fig: shown.append(fig))
-    monkeypatch.setattr(display, "clear_output", lambda wait=False: shown.append("clear"))
+    monkeypatch.setattr(display, "display", fake_display)
+    monkeypatch.setattr(display, "clear_output", no_clear)
     return shown
 
 
-def test_view_metrics_auto_in_a_notebook_redraws_every_epoch(plot_spy, fake_notebook, capsys):
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_MAGIC
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_view_metrics_auto_in_a_notebook_updates_one_image_every_epoch(plot_spy, fake_notebook, capsys):
     _fit(epochs=3, verbose=1)
-    assert plot_spy.calls == [([0], None), ([0, 1], None), ([0, 1, 2], None)]
-    assert [type(item).__name__ if item != "clear" else item for item in fake_notebook] == ["clear", "Figure"] * 3
-    assert plt.get_fignums() == []  # each drawn figure is closed after display
+    assert plot_spy.calls == [([0], "png-bytes"), ([0, 1], "png-bytes"), ([0, 1, 2], "png-bytes")]
+    # one output created, then updated in place (same handle): not one image per epoch
+    assert [item[:2] if item[0] == "update" else item[0] for item in fake_notebook] == \
+        ["display", ("update", 1), ("update", 1)]
+    images = [item[-1] for item in fake_notebook]
+    assert all(type(im).__name__ == "Image" and im.format == "png" for im in images)
+    assert len({im.data for im in images}) == 3  # each epoch's image differs (one more point per curve)
+    width, height = _png_size(images[-1].data)
+    assert (width, height) == (480, 416)  # 6 x 5.2 inches at 80 dpi: two panels (loss, mae)
+    assert plt.get_fignums() == []  # nothing left open for the inline backend to show again
+    # a second fit draws a new image of its own
+    _fit(epochs=2, verbose=1)
+    assert [item[0] for item in fake_notebook[3:]] == ["display", "update"]
+    assert fake_notebook[4][1] == 2
 
 
 @pytest.mark.parametrize("options", [{"epochs": 1, "verbose": 1}, {"epochs": 3, "verbose": 0}],
@@ -170,4 +240,5 @@ def test_view_metrics_false_disables_even_in_a_notebook(plot_spy, fake_notebook,
 
 def test_view_metrics_true_forces_the_live_plot(plot_spy, fake_notebook):
     _fit(epochs=2, verbose=0, view_metrics=True)
-    assert plot_spy.calls == [([0], None), ([0, 1], None)]
+    assert plot_spy.calls == [([0], "png-bytes"), ([0, 1], "png-bytes")]
+    assert [item[0] for item in fake_notebook] == ["display", "update"]
