@@ -180,10 +180,8 @@ def view_metrics_callback(view_metrics: Any, epochs: int, verbose: int) -> Callb
         from .plotting import PlotMetrics
 
         return PlotMetrics(path=view_metrics)
-    from .plotting import PlotMetrics, in_notebook
+    from .plotting import PlotMetrics, wants_live_plot
 
-    if dist.environment() == "spawn":  # a worker of multi_gpu_model has no notebook to draw in
+    if dist.environment() == "spawn":  # a worker of multi_gpu_model: the caller draws from rank 0's epoch logs
         return None
-    if view_metrics is True or (view_metrics == "auto" and epochs > 1 and verbose > 0 and in_notebook()):
-        return PlotMetrics(path=None)
-    return None
+    return PlotMetrics(path=None) if wants_live_plot(view_metrics, epochs, verbose) else None
