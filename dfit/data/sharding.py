@@ -71,11 +71,12 @@ def epoch_batches(per_pass: int, epoch: int, steps: int | None) -> tuple[int, ra
 
 
 def epoch_rows(n: int, batch_size: int, epoch: int, steps: int | None, shuffle: bool, seed: int,
-               rank: int, world: int) -> Iterator[tuple[slice | torch.Tensor, int]]:
-    """This rank's rows and the global batch size at each step of ``epoch`` (see ``epoch_batches``)."""
+               rank: int, world: int, start: int = 0) -> Iterator[tuple[slice | torch.Tensor, int]]:
+    """This rank's rows and the global batch size at each step of ``epoch`` (see ``epoch_batches``), from the
+    epoch's step ``start`` on (a resumed epoch)."""
     pass_index, batches = epoch_batches(num_batches(n, batch_size), epoch, steps)
     plan = GlobalBatchPlan(n, batch_size, rank, world, shuffle, seed, pass_index)
-    for step in batches:
+    for step in batches[start:]:
         yield plan.rows(step)
 
 
