@@ -112,7 +112,8 @@ def run_fit(model: "Model", train: Any, val: Any, plan: FitPlan) -> History:
         for epoch in range(first_epoch, plan.epochs):
             if payload is not None and epoch == first_epoch and payload["stop_training"]:
                 break   # the backup was written after a callback decided to stop
-            if not epochs.has_more():   # a one-shot stream is used up: Keras ends training here
+            resuming = payload is not None and epoch == first_epoch and position.in_epoch
+            if not resuming and not epochs.has_more():   # a one-shot stream is used up: Keras ends training here
                 _warn_chief(INTERRUPTED)
                 break
             callbacks.call("on_epoch_begin", epoch, {})

@@ -81,8 +81,8 @@ class EpochIterator:
     def _stream_epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         steps = None if self.steps is None else self.steps - start   # the rest of a resumed epoch
         yield from self.data.epoch(epoch, self.batch_size, steps, self.shuffle, self.seed, self.rank,
-                                   self.world)
-        if self.steps is None and not self.data.ran_out and self.learned_steps is None:
+                                   self.world, resume=start > 0)
+        if self.steps is None and not self.data.ran_out and self.learned_steps is None and not start:
             self.learned_steps = self.data.last_epoch_steps   # the bar knows the total from the second epoch on
 
     @property

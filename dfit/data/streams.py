@@ -300,12 +300,13 @@ class StreamData:
         return bool(self._ready)
 
     def epoch(self, epoch: int, batch_size: int | None, steps: int | None, shuffle: bool, seed: int,
-              rank: int, world: int) -> Iterator[Batch]:
+              rank: int, world: int, resume: bool = False) -> Iterator[Batch]:
         """The batches of one epoch. Without ``steps`` an epoch is one pass. With ``steps``, epochs continue through
         a pass, and the epoch that meets its end stops there (``ran_out``); the next epoch starts a new pass —
-        a one-shot iterator has none (``exhausted``: training ends, as Keras)."""
+        a one-shot iterator has none (``exhausted``: training ends, as Keras). ``resume``: the rest of an epoch
+        after ``seek`` (its pass only; ``steps`` is what is left of it)."""
         self.ran_out, taken = False, 0
-        if not self.has_next(steps, rank, world):
+        if not resume and not self.has_next(steps, rank, world):
             self.exhausted = self.ran_out = True
             return
         while steps is None or taken < steps:
