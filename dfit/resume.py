@@ -17,6 +17,7 @@ documented in docs/reference.md; a model without randomness is exact either way)
 """
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
@@ -137,7 +138,7 @@ class FitState:
     # -- taking a backup (every rank: one all-reduce and one all-gather; the payload on rank 0) -----------------
     def snapshot(self, position: Position, extra: Mapping[str, Any]) -> dict[str, Any] | None:
         metrics = self.train_metrics.summed_state(self.engine.device) if position.in_epoch else None
-        rngs = dist.all_gather_objects(cpu_copy(rng_state()))
+        rngs = dist.all_gather_objects(_to_bytes(cpu_copy(rng_state())))  # bytes: tensors do not all-gather
         if not dist.is_chief():
             return None
         scaler = self.engine.scaler
@@ -194,9 +195,15 @@ class FitState:
         documented re-derivation (``derived_rng_seed``)."""
         states = payload["rng"]
         if len(states) == dist.world_size():
-            set_rng_state(states[dist.rank()])
+            set_rng_state(torch.load(io.BytesIO(states[dist.rank()]), weights_only=True))
         else:
             reseed_all(derived_rng_seed(self.seed, position, dist.rank()))
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 def _short(value: Any) -> str:

@@ -99,16 +99,15 @@ def test_a_crashed_write_leaves_the_previous_backup(tmp_path, monkeypatch, unint
     """A write that dies half-way (simulated inside torch.save) never replaces the last good backup."""
     assert train(str(tmp_path), 2, (1, 1)) == "stopped"      # a good backup at epoch 1, step 0... (global step 6)
     good = (tmp_path / "backup.pt").read_bytes()
-    real_save = torch.save
+    import dfit.serialization as serialization
 
-    def dying_save(obj, f, *args, **kwargs):
-        f.write(b"half a backup")
-        raise OSError("disk gone")
+    def dying_fsync(fd):
+        raise OSError("disk gone")   # the temporary file holds a (partial) backup; the rename never happens
 
-    monkeypatch.setattr(torch, "save", dying_save)
+    monkeypatch.setattr(serialization.os, "fsync", dying_fsync)
     with pytest.raises(RuntimeError, match="writing the backup failed: disk gone"):
         train(str(tmp_path), 2)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.undo()
     assert os.listdir(tmp_path) == ["backup.pt"] and (tmp_path / "backup.pt").read_bytes() == good
     weights, history = train(str(tmp_path), 2)
     assert relative_difference(weights, uninterrupted[0]) < EXACT
@@ -120,3 +119,29 @@ def test_bad_arguments():
         dfit.callbacks.BackupAndRestore("d", save_freq=0)
     with pytest.raises(ValueError, match="Empty `backup_dir`"):
         dfit.callbacks.BackupAndRestore("")
+
+
+# -- another world size: the first run stops on N ranks after a backup, the second resumes on M ranks ------------------
+def _first_run(backup_dir, stop_at):
+    return train(backup_dir, 2, stop_at)
+
+
+def _second_run(backup_dir):
+    return train(backup_dir, 2)
+
+
+@pytest.mark.parametrize("first, second, stop_at", [(2, 3, (1, 3)), (3, 1, (0, 4)), (1, 2, (2, 1))])
+def test_resume_on_another_world_size(tmp_path, uninterrupted, first, second, stop_at):
+    folder = str(tmp_path)
+    if first == 1:
+        assert _first_run(folder, stop_at) == "stopped"
+    else:
+        assert run_ranks(_first_run, first, folder, stop_at, timeout=200) == ["stopped"] * first
+    assert os.listdir(folder) == ["backup.pt"]
+    payload = torch.load(os.path.join(folder, "backup.pt"), weights_only=True)
+    assert payload["world_size"] == first and payload["position"]["in_epoch"]
+    results = [_second_run(folder)] if second == 1 else run_ranks(_second_run, second, folder, timeout=200)
+    for weights, history in results:   # every rank ends with the uninterrupted one-process run's state
+        assert relative_difference(weights, uninterrupted[0]) < EXACT
+        assert relative_difference(history, uninterrupted[1]) < EXACT
+    assert os.listdir(folder) == []
