@@ -155,6 +155,7 @@ class BackupAndRestore(Callback):
             if not saved:
                 self.save(position)
             _writer(self.path).wait()
+            dist.barrier()   # no rank exits before the backup is on disk (a launcher kills the others on an exit)
             if dist.is_chief():
                 print(f"dfit: preempted; backup written to {self.path} at epoch {self._epoch + 1}, step {batch + 1}; "
                       f"exiting with code {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
