@@ -145,3 +145,38 @@ def test_resume_on_another_world_size(tmp_path, uninterrupted, first, second, st
         assert relative_difference(weights, uninterrupted[0]) < EXACT
         assert relative_difference(history, uninterrupted[1]) < EXACT
     assert os.listdir(folder) == []
+
+
+# -- preemption: a signal on ONE rank stops every rank at the same step, after a backup -----------------------------
+def _signalled_run(backup_dir):
+    import signal
+
+    class SignalRankOne(dfit.callbacks.Callback):
+        steps = 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps += 1
+            if self.steps == 3 and dfit.distributed.rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model, (x, y) = build(), data()
+    backup = dfit.callbacks.BackupAndRestore(backup_dir, save_freq=1000, signal_check_every=2)
+    schedule = dfit.callbacks.TorchScheduler(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 4, 0.8),
+                                             interval="step")
+    try:
+        model.fit(x, y, batch_size=10, epochs=3, seed=3, verbose=0, validation_split=0.2,
+                  callbacks=[schedule, SignalRankOne(), backup])
+    except SystemExit as exc:
+        return exc.code, backup._fit.global_step
+    return None, None
+
+
+def test_a_signal_on_one_rank_backs_up_every_rank_at_one_step(tmp_path, uninterrupted):
+    """Checks start every 2 steps: the signal at step 3 is in the all-reduce started at step 4, read at step 6."""
+    results = run_ranks(_signalled_run, 2, str(tmp_path), timeout=200)
+    assert results == [(75, 6), (75, 6)]
+    payload = torch.load(tmp_path / "backup.pt", weights_only=True)
+    assert payload["global_step"] == 6 and payload["position"] == {"epoch": 1, "step": 1, "in_epoch": True}
+    weights, history = train(str(tmp_path), 1000)
+    assert relative_difference(weights, uninterrupted[0]) < EXACT
+    assert relative_difference(history, uninterrupted[1]) < EXACT
