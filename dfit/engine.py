@@ -171,8 +171,12 @@ class Engine:
         return y_pred, y_true, loss
 
     def train_epoch(self, batches: Iterator[Batch], tracker: MetricSet, callbacks: CallbackList,
-                    output_names: list[str]) -> dict[str, float]:
-        """One epoch of training steps; returns the exact epoch logs (identical on every rank)."""
+                    output_names: list[str], first_step: int = 0,
+                    tracker_state: torch.Tensor | None = None) -> dict[str, float]:
+        """One epoch of training steps; returns the exact epoch logs (identical on every rank).
+
+        A resumed epoch (``BackupAndRestore``): ``batches`` start at step ``first_step`` and ``tracker_state`` is
+        the partial epoch's summed metric states (kept on rank 0)."""
         module, optimizer = self.train_module, self.model.optimizer
         loss_fn = self.model.compiled_loss(output_names)
         wants_batches = callbacks.wants_batches("train")
@@ -180,9 +184,11 @@ class Engine:
         has_metrics = bool(tracker.metrics)
         self.model.module.train()
         tracker.reset(self.device)
+        if tracker_state is not None:
+            tracker.load_summed_state(tracker_state, keep=self.rank == 0)
         probing = self.find_unused_parameters is None  # auto mode's first step on N ranks: no DDP yet
         with global_batch_decisions(self.world > 1):
-            for step, batch in enumerate(self._prefetched(batches)):
+            for step, batch in enumerate(self._prefetched(batches), start=first_step):
                 if wants_batches:
                     callbacks.batch_begin("train", step)
                 try:

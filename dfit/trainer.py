@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .callbacks import Callback, CallbackList, History, ProgbarLogger
+from .callbacks import BackupAndRestore, Callback, CallbackList, History, ProgbarLogger
 from .callbacks.progbar import with_progbar
 from .data import EpochIterator
 from .metrics import MetricSet
+from .resume import FitState
 
 if TYPE_CHECKING:
     from .model import Model
@@ -50,63 +51,98 @@ class FitPlan:
 
 
 def run_fit(model: "Model", train: Any, val: Any, plan: FitPlan) -> History:
-    """Run the epochs of ``fit`` on every rank; returns the History (identical on every rank)."""
+    """Run the epochs of ``fit`` on every rank; returns the History (identical on every rank).
+
+    With a ``BackupAndRestore`` callback whose backup exists, training continues from it: the module, callbacks'
+    states, History and stream position before ``on_train_begin``; the optimizer, metric states and random
+    generators at the resumed step (see ``dfit.resume``)."""
     engine = model._get_engine()
     rank, world = dist.rank(), dist.world_size()
+    backups = [cb for cb in plan.callbacks if isinstance(cb, BackupAndRestore)]
+    if len(backups) > 1:
+        raise ValueError("fit got more than one BackupAndRestore callback; give one")
+    backup = backups[0] if backups else None
     seed = plan.seed
-    if seed is None:
+    if seed is None and backup is None:
         seed = dist.broadcast_object(int(np.random.SeedSequence().entropy % (2 ** 31)))
-    epochs = EpochIterator(train, plan.batch_size, plan.steps_per_epoch, plan.shuffle, seed, rank, world)
+    epochs = EpochIterator(train, plan.batch_size, plan.steps_per_epoch, plan.shuffle, seed or 0, rank, world)
     val_epochs = None if val is None else EpochIterator(val, plan.val_batch_size, plan.validation_steps, False, 0,
                                                         rank, world)
     train_metrics = model._metric_set(plan.output_names)
     val_metrics = model._metric_set(plan.output_names) if val is not None else None
 
     history = History()
-    cbs = list(plan.callbacks) + [history]  # History last, as Keras: it sees what callbacks add to the logs
+    user_cbs = [cb for cb in plan.callbacks if cb is not backup]
+    cbs = user_cbs + [history]  # History after the user's callbacks, as Keras: it sees what they add to the logs
     if plan.verbose and not any(isinstance(cb, ProgbarLogger) for cb in cbs):  # Keras: the user's one replaces it
         cbs.append(ProgbarLogger())
     plot_cb = view_metrics_callback(plan.view_metrics, plan.epochs - plan.initial_epoch, plan.verbose)
     if plot_cb is not None:
         cbs.append(plot_cb)
+    payload, position = None, None
+    if backup is not None:
+        cbs.append(backup)  # last: a backup sees every callback's hooks of that step or epoch done
+        fit_state = FitState(model, engine, train, epochs, seed, history, user_cbs, train_metrics,
+                             {"batch_size": plan.batch_size, "steps_per_epoch": plan.steps_per_epoch,
+                              "shuffle": plan.shuffle, "seed": plan.seed, "outputs": list(plan.output_names)})
+        payload = backup.read_backup(fit_state)
+        if payload is not None:
+            seed = int(payload["seed"])
+        elif seed is None:
+            seed = dist.broadcast_object(int(np.random.SeedSequence().entropy % (2 ** 31)))
+        epochs.seed = fit_state.seed = seed
+        if payload is not None:
+            position = fit_state.restore_before_begin(payload)
     params = {"verbose": plan.verbose, "epochs": plan.epochs, "steps": plan.steps_per_epoch or epochs.steps_hint,
               "batch_size": plan.batch_size}
     callbacks = CallbackList(cbs, model, params)
     model.history = history
     model.stop_training = False
 
-    callbacks.call("on_train_begin", {})
-    logs: dict[str, float] = {}
+    completed, warned = False, False
     try:
-        logs = _epochs(model, engine, plan, epochs, val_epochs, train_metrics, val_metrics, callbacks, params)
-    finally:  # loader workers end with training, also when it fails
-        close(train, val)
-    callbacks.call("on_train_end", dict(logs))  # the last epoch's logs, as Keras
+        callbacks.call("on_train_begin", {})
+        first_epoch = plan.initial_epoch
+        if payload is not None:
+            fit_state.restore_history(payload)
+            first_epoch = position.epoch
+            if not position.in_epoch:
+                fit_state.restore_optimizer(payload)
+        logs: dict[str, float] = {}
+        for epoch in range(first_epoch, plan.epochs):
+            if payload is not None and epoch == first_epoch and payload["stop_training"]:
+                break   # the backup was written after a callback decided to stop
+            resuming = payload is not None and epoch == first_epoch and position.in_epoch
+            if not resuming and not epochs.has_more():   # a one-shot stream is used up: Keras ends training here
+                _warn_chief(INTERRUPTED)
+                break
+            callbacks.call("on_epoch_begin", epoch, {})
+            first_step, tracker_state = 0, None
+            if payload is not None and epoch == first_epoch:
+                if position.in_epoch:
+                    fit_state.restore_optimizer(payload)
+                    first_step, tracker_state = position.step, payload["metrics"]
+                fit_state.restore_rng(payload, position)
+            logs = engine.train_epoch(epochs.epoch(epoch, first_step), train_metrics, callbacks, plan.output_names,
+                                      first_step, tracker_state)
+            if epochs.ran_out and not warned:
+                warned = True
+                _warn_chief(RAN_OUT)
+            if params["steps"] is None and epochs.learned_steps is not None:
+                params["steps"] = epochs.learned_steps
+            if val_epochs is not None and plan.should_validate(epoch):
+                val_logs = run_test(model, val_epochs, val_metrics, callbacks, plan.output_names)
+                logs.update({f"val_{k}": v for k, v in val_logs.items()})
+            callbacks.call("on_epoch_end", epoch, logs)
+            if agree_to_stop(model):
+                break
+        callbacks.call("on_train_end", dict(logs))  # the last epoch's logs, as Keras
+        completed = True
+    finally:
+        close(train, val)   # loader workers end with training, also when it fails
+        if backup is not None:
+            backup.finish(completed)
     return history
-
-
-def _epochs(model, engine, plan, epochs, val_epochs, train_metrics, val_metrics, callbacks, params):
-    """The epoch loop of ``run_fit``; returns the last epoch's logs."""
-    logs: dict[str, float] = {}
-    warned = False
-    for epoch in range(plan.initial_epoch, plan.epochs):
-        if not epochs.has_more():   # a one-shot stream is used up: Keras ends training here
-            _warn_chief(INTERRUPTED)
-            break
-        callbacks.call("on_epoch_begin", epoch, {})
-        logs = engine.train_epoch(epochs.epoch(epoch), train_metrics, callbacks, plan.output_names)
-        if epochs.ran_out and not warned:
-            warned = True
-            _warn_chief(RAN_OUT)
-        if params["steps"] is None and epochs.learned_steps is not None:
-            params["steps"] = epochs.learned_steps
-        if val_epochs is not None and plan.should_validate(epoch):
-            val_logs = run_test(model, val_epochs, val_metrics, callbacks, plan.output_names)
-            logs.update({f"val_{k}": v for k, v in val_logs.items()})
-        callbacks.call("on_epoch_end", epoch, logs)
-        if agree_to_stop(model):
-            break
-    return logs
 
 
 def run_test(model: "Model", epochs: EpochIterator, tracker: MetricSet, callbacks: CallbackList,

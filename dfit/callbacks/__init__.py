@@ -1,4 +1,5 @@
 """Keras callbacks: the base class, its dispatcher and the built-in callbacks."""
+from .backup import BackupAndRestore
 from .base import Callback, CallbackList
 from .checkpoint import ModelCheckpoint
 from .csv_logger import CSVLogger
@@ -11,6 +12,6 @@ from .progbar import ProgbarLogger
 from .tensorboard import TensorBoard
 from .terminate_on_nan import TerminateOnNaN
 
-__all__ = ["Callback", "CallbackList", "CSVLogger", "EarlyStopping", "History", "LambdaCallback",
+__all__ = ["BackupAndRestore", "Callback", "CallbackList", "CSVLogger", "EarlyStopping", "History", "LambdaCallback",
            "LearningRateScheduler", "ModelCheckpoint", "MonitorCallback", "ProgbarLogger", "ReduceLROnPlateau",
            "TensorBoard", "TerminateOnNaN", "TorchScheduler"]

@@ -3,9 +3,15 @@
 Data of known length (arrays, Datasets) follows ``sharding.epoch_batches`` (Keras 3's rule for
 ``steps_per_epoch``); a stream keeps its own position across epochs (``StreamData``). The engine's loops only
 see the batches.
+
+A resumed epoch (``BackupAndRestore``) starts at step ``start``: data of known length is a function of (seed,
+epoch, step), so the first ``start`` batches are skipped (arrays without reading them; other adapters read and
+drop them); a stream is put back at its position before the epoch by ``seek`` (its consumed items are read
+again and dropped).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterator
 
 from .arrays import Batch
@@ -49,17 +55,34 @@ class EpochIterator:
         if self.is_stream:
             self.data.restart()
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        """This rank's batches of ``epoch``, from its step ``start`` on (``start > 0``: a resumed epoch; a stream
+        must have been put at that position with ``seek``)."""
         if self.is_stream:
-            return self._stream_epoch(epoch)
+            return self._stream_epoch(epoch, start)
         _, batches = epoch_batches(self.per_pass, epoch, self.steps)
         self._ran_out = self.steps is not None and len(batches) < self.steps
-        return self.data.epoch(epoch, self.batch_size, self.steps, self.shuffle, self.seed, self.rank, self.world)
+        args = (epoch, self.batch_size, self.steps, self.shuffle, self.seed, self.rank, self.world)
+        if not start:
+            return self.data.epoch(*args)
+        if getattr(self.data, "starts_mid_epoch", False):
+            return self.data.epoch(*args, start=start)
+        return itertools.islice(self.data.epoch(*args), start, None)
 
-    def _stream_epoch(self, epoch: int) -> Iterator[Batch]:
-        yield from self.data.epoch(epoch, self.batch_size, self.steps, self.shuffle, self.seed, self.rank,
-                                   self.world)
-        if self.steps is None and not self.data.ran_out and self.learned_steps is None:
+    def position(self) -> dict[str, int] | None:
+        """Where a stream is (for a backup); None for data of known length (seed, epoch and step say it all)."""
+        return self.data.position() if self.is_stream else None
+
+    def seek(self, position: dict[str, int] | None) -> None:
+        """Put a stream back at ``position()``'s output (its consumed items are read again and dropped)."""
+        if self.is_stream and position is not None:
+            self.data.seek(position, self.rank, self.world)
+
+    def _stream_epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        steps = None if self.steps is None else self.steps - start   # the rest of a resumed epoch
+        yield from self.data.epoch(epoch, self.batch_size, steps, self.shuffle, self.seed, self.rank,
+                                   self.world, resume=start > 0)
+        if self.steps is None and not self.data.ran_out and self.learned_steps is None and not start:
             self.learned_steps = self.data.last_epoch_steps   # the bar knows the total from the second epoch on
 
     @property

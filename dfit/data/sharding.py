@@ -76,14 +76,16 @@ def batches_per_pass(n: int, batch_size: int, drop_last: bool = False) -> int:
 
 
 def epoch_rows(n: int, batch_size: int, epoch: int, steps: int | None, shuffle: bool, seed: int,
-               rank: int, world: int, drop_last: bool = False) -> Iterator[tuple[slice | torch.Tensor, int]]:
-    """This rank's rows and the global batch size at each step of ``epoch`` (see ``epoch_batches``).
+               rank: int, world: int, drop_last: bool = False, start: int = 0
+               ) -> Iterator[tuple[slice | torch.Tensor, int]]:
+    """This rank's rows and the global batch size at each step of ``epoch`` (see ``epoch_batches``), from the
+    epoch's step ``start`` on (a resumed epoch).
 
     ``drop_last`` leaves out the partial last global batch of each pass (a shuffled pass still draws it from all
     ``n`` rows, so which rows are left out changes from pass to pass)."""
     pass_index, batches = epoch_batches(batches_per_pass(n, batch_size, drop_last), epoch, steps)
     plan = GlobalBatchPlan(n, batch_size, rank, world, shuffle, seed, pass_index)
-    for step in batches:
+    for step in batches[start:]:
         yield plan.rows(step)
 
 

@@ -144,6 +144,7 @@ class StreamData:
         self.class_weight: dict | None = None
         self._iterator: Iterator | None = None
         self._passes = 0
+        self._pass_steps = 0      # items of the current pass given to training (the position a backup keeps)
         self._pushback: collections.deque = collections.deque()   # raw items peeked before training
         self._buffer: collections.deque[_Item] = collections.deque()
         self._ready: collections.deque[tuple[_Item, int]] = collections.deque()
@@ -186,6 +187,7 @@ class StreamData:
         if self.one_shot and self._passes > 0:
             return False
         self._passes += 1
+        self._pass_steps = 0
         self._close_prefetcher()
         iterator = iter(self.source.fn(rank, world)) if self.per_rank else iter(self.source)
         self._iterator = _Prefetcher(iterator, self.prefetch) if self.prefetch else iterator
@@ -199,6 +201,32 @@ class StreamData:
     def close(self) -> None:
         """Stop the background reader, if any (at the end of fit/evaluate/predict)."""
         self._close_prefetcher()
+
+    # -- position (BackupAndRestore) -----------------------------------------------------------------------
+    def position(self) -> dict[str, int]:
+        """The pass (1-based) and the items of it that training consumed; the same on every rank."""
+        return {"passes": self._passes, "pass_steps": self._pass_steps}
+
+    def seek(self, position: dict[str, int], rank: int, world: int) -> None:
+        """Continue after ``position``: open that pass again (a one-shot iterator: the pass it is in) and read and
+        drop its consumed items. Exact when the stream gives the same items again (a deterministic stream);
+        ``per_rank`` streams resume exactly on the same world size only."""
+        passes, consumed = int(position["passes"]), int(position["pass_steps"])
+        self._buffer.clear()
+        self._ready.clear()
+        if not self.one_shot:
+            self._pushback.clear()
+            self._iterator, self._passes = None, max(0, passes - 1)
+        if self._iterator is None and not self._open_pass(rank, world):
+            return
+        self._passes = max(self._passes, passes)
+        for _ in range(consumed):
+            try:
+                self._next_raw()
+            except StopIteration:
+                self._pass_ended = True
+                break
+        self._pass_steps = consumed
 
     def _peek(self) -> _Item | None:
         """The next item without consuming it (opens the first pass if needed; runs before any collective)."""
@@ -337,12 +365,13 @@ class StreamData:
         return bool(self._ready)
 
     def epoch(self, epoch: int, batch_size: int | None, steps: int | None, shuffle: bool, seed: int,
-              rank: int, world: int) -> Iterator[Batch]:
+              rank: int, world: int, resume: bool = False) -> Iterator[Batch]:
         """The batches of one epoch. Without ``steps`` an epoch is one pass. With ``steps``, epochs continue through
         a pass, and the epoch that meets its end stops there (``ran_out``); the next epoch starts a new pass —
-        a one-shot iterator has none (``exhausted``: training ends, as Keras)."""
+        a one-shot iterator has none (``exhausted``: training ends, as Keras). ``resume``: the rest of an epoch
+        after ``seek`` (its pass only; ``steps`` is what is left of it)."""
         self.ran_out, taken = False, 0
-        if not self.has_next(steps, rank, world):
+        if not resume and not self.has_next(steps, rank, world):
             self.exhausted = self.ran_out = True
             return
         while steps is None or taken < steps:
@@ -353,6 +382,7 @@ class StreamData:
                 self.exhausted = self.one_shot
                 break
             item, global_size = self._ready.popleft()
+            self._pass_steps += 1
             yield self._batch(item, global_size, rank, world)
             taken += 1
         self.last_epoch_steps = taken

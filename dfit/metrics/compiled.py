@@ -330,6 +330,31 @@ class MetricSet:
                 for v, saved in zip(variables, local):
                     v.copy_(saved)
 
+    def summed_state(self, device: torch.device) -> torch.Tensor:
+        """Every additive state (loss totals, samples, metric states) summed over all ranks, on the CPU (one
+        all-reduce): what a backup keeps of a partial epoch. ``torchmetrics`` metrics are not included."""
+        return dist.all_reduce_sum(self._state_vector(device)).cpu()
+
+    def load_summed_state(self, state: torch.Tensor, keep: bool) -> None:
+        """After ``reset``: put ``summed_state()``'s output back on ONE rank (``keep``; the others keep zero
+        states), so the epoch-end all-reduce over any number of ranks gives the uninterrupted run's sums."""
+        expected = self._state_vector(self.loss_totals[0].device if self.loss_totals else torch.device("cpu"))
+        if state.numel() != expected.numel():
+            raise ValueError(f"the backup's metric states have {state.numel()} values; this model's metrics have "
+                             f"{expected.numel()} (the metrics changed since the backup was written)")
+        if not keep:
+            return
+        n = len(self.loss_totals)
+        with torch.no_grad():
+            for total, value in zip(self.loss_totals, state[:n]):
+                total.fill_(float(value))
+            self.samples = int(round(float(state[n])))
+            offset = n + 1
+            for m in self._dfit_metrics():
+                for v in m.variables:
+                    v.copy_(state[offset:offset + v.numel()].reshape(v.shape).to(v.device, v.dtype))
+                    offset += v.numel()
+
     def results(self, device: torch.device) -> dict[str, Any]:
         """Exact epoch values over all ranks: one all-reduce of every additive state."""
         reduced = dist.all_reduce_sum(self._state_vector(device))
