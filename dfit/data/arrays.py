@@ -114,7 +114,8 @@ class ArrayData:
     def epoch(self, epoch: int, batch_size: int, steps: int | None, shuffle: bool, seed: int,
               rank: int, world: int, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch (see ``sharding.epoch_rows`` for how steps map to passes), from step ``start``."""
-        for rows, global_size in epoch_rows(self.n, batch_size, epoch, steps, shuffle, seed, rank, world, start):
+        for rows, global_size in epoch_rows(self.n, batch_size, epoch, steps, shuffle, seed, rank, world,
+                                            start=start):
             size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
             y = None if self.y is None else index_rows(self.y, rows)
             w = None if self.sample_weight is None else index_rows(self.sample_weight, rows)
