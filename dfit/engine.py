@@ -22,7 +22,7 @@ from . import batchnorm, unused
 from . import distributed as dist
 from .callbacks.base import CallbackList, LazyLogs
 from .data import Batch
-from .data.structure import concat_rows, map_structure
+from .data.structure import concat_rows, index_rows, map_structure
 from .losses import CompiledLoss, global_batch_decisions
 from .metrics import MetricSet
 from .trainer import agree_to_stop
@@ -74,6 +74,7 @@ class Engine:
         # None until decided: auto mode decides on the first training step (see _first_step_unused).
         self.find_unused_parameters: bool | None = model.find_unused_parameters if self.world > 1 else False
         self._ddp: torch.nn.Module | None = None
+        self.micro_batch_size: int | None = None   # fit(micro_batch_size=M): rows through the model at once
         self._states_synced = False
         self._compiled: torch.nn.Module | None = None
         self._seeds: dict[tuple[float, torch.dtype], torch.Tensor] = {}
@@ -191,33 +192,45 @@ class Engine:
             for step, batch in enumerate(self._prefetched(batches), start=first_step):
                 if wants_batches:
                     callbacks.batch_begin("train", step)
-                try:
-                    with self.autocast():
-                        y_pred, y_true, loss = self._forward(module, batch, output_names, loss_fn)
-                except RuntimeError as error:
-                    if unused.is_unused_error(error):  # DDP's error about the previous step, in our words
-                        raise unused.unused_error(self.model.module, self.model.find_unused_parameters) from None
-                    raise
-                optimizer.zero_grad(set_to_none=True)
+                self._backward_in_chunks(module, batch, output_names, loss_fn, tracker, has_metrics)
+                if probing:
+                    module, probing = self._settle_unused_parameters(), False
                 if self.scaler is None:
-                    loss.value.backward(self._seed(loss))  # the gradient of value * scale, without a multiply
-                    if probing:
-                        module, probing = self._settle_unused_parameters(), False
                     optimizer.step()
                 else:
-                    self.scaler.scale(loss.objective).backward()
-                    if probing:
-                        module, probing = self._settle_unused_parameters(), False
                     self.scaler.step(optimizer)
                     self.scaler.update()
-                tracker.update_loss(loss.parts, batch.size)
-                if has_metrics:
-                    tracker.update_metrics([p.detach() for p in y_pred], y_true, batch.sample_weight)
                 if wants_batches:
                     callbacks.batch_end("train", step, LazyLogs(lambda: tracker.running(self.device)))
                     if stops_at_batch and agree_to_stop(self.model):
                         break
         return tracker.results(self.device)
+
+    def _backward_in_chunks(self, module: torch.nn.Module, batch: Batch, output_names: list[str], loss_fn: Any,
+                            tracker: MetricSet, has_metrics: bool) -> None:
+        """Gradients of this rank's part of a global batch, run through the model ``micro_batch_size`` rows at a
+        time: every chunk's loss is normalised by the GLOBAL batch, so the accumulated gradient is the one of the
+        whole part; DDP all-reduces once, with the last chunk (``no_sync`` before it)."""
+        self.model.optimizer.zero_grad(set_to_none=True)
+        chunks = split_rows(batch, self.micro_batch_size)
+        for i, chunk in enumerate(chunks):
+            sync = contextlib.nullcontext() if i == len(chunks) - 1 or not hasattr(module, "no_sync") \
+                else module.no_sync()
+            with sync:
+                try:
+                    with self.autocast():
+                        y_pred, y_true, loss = self._forward(module, chunk, output_names, loss_fn)
+                except RuntimeError as error:
+                    if unused.is_unused_error(error):  # DDP's error about the previous step, in our words
+                        raise unused.unused_error(self.model.module, self.model.find_unused_parameters) from None
+                    raise
+                if self.scaler is None:
+                    loss.value.backward(self._seed(loss))  # the gradient of value * scale, without a multiply
+                else:
+                    self.scaler.scale(loss.objective).backward()
+            tracker.update_loss(loss.parts, chunk.size)
+            if has_metrics:
+                tracker.update_metrics([p.detach() for p in y_pred], y_true, chunk.sample_weight)
 
     @torch.inference_mode()
     def test_epoch(self, batches: Iterator[Batch], tracker: MetricSet, callbacks: CallbackList,
@@ -267,6 +280,20 @@ class Engine:
         per_rank = dist.all_gather_objects(chunks)
         # Global batch k is rank 0's part, then rank 1's, ...: step-major, rank-minor is input order.
         return concat_rows([per_rank[r][k] for k in range(len(chunks)) for r in range(self.world)])
+
+
+def split_rows(batch: Batch, size: int | None) -> list[Batch]:
+    """``batch`` in chunks of at most ``size`` rows (the whole batch when ``size`` is None or not smaller; a rank
+    with no rows still runs one empty chunk, so it takes part in the step)."""
+    if size is None or batch.size <= size:
+        return [batch]
+    chunks = []
+    for start in range(0, batch.size, size):
+        rows = slice(start, min(start + size, batch.size))
+        chunks.append(Batch(index_rows(batch.x, rows), None if batch.y is None else index_rows(batch.y, rows),
+                            None if batch.sample_weight is None else batch.sample_weight[rows],
+                            rows.stop - rows.start, batch.global_size))
+    return chunks
 
 
 def _to_cpu(s: Any) -> Any:

@@ -206,8 +206,14 @@ class Model:
             class_weight: Mapping[int, float] | None = None, sample_weight: Any = None, initial_epoch: int = 0,
             steps_per_epoch: int | None = None, validation_steps: int | None = None,
             validation_batch_size: int | None = None, validation_freq: Any = 1, workers: int = 0,
-            use_multiprocessing: bool = False, max_queue_size: int = 10, seed: int | None = None) -> History:
-        """Train for ``epochs`` (the final epoch index), as Keras' fit, on every rank of the job."""
+            use_multiprocessing: bool = False, max_queue_size: int = 10, seed: int | None = None,
+            micro_batch_size: int | None = None, per_chunk_batchnorm: bool = False) -> History:
+        """Train for ``epochs`` (the final epoch index), as Keras' fit, on every rank of the job.
+
+        ``micro_batch_size=M``: a rank runs at most M rows through the model at once (gradients accumulate over
+        the chunks of its part of each global batch); it never changes the result. A BatchNorm layer would see
+        chunks instead of the batch, so it is refused unless ``per_chunk_batchnorm=True`` (which changes the
+        result)."""
         if not self.compiled:
             raise RuntimeError(_NOT_COMPILED)
         # 1. every check, before any collective -------------------------------------------------------
@@ -215,6 +221,9 @@ class Model:
         _check_positive_int(validation_batch_size, "validation_batch_size")
         _check_positive_int(steps_per_epoch, "steps_per_epoch")
         _check_positive_int(validation_steps, "validation_steps")
+        _check_positive_int(micro_batch_size, "micro_batch_size")
+        if micro_batch_size is not None and not per_chunk_batchnorm:
+            _refuse_chunked_batchnorm(self.module)
         for value, name in ((epochs, "epochs"), (initial_epoch, "initial_epoch")):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
@@ -255,7 +264,8 @@ class Model:
             epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, callbacks=list(callbacks or []),
             view_metrics=view_metrics, batch_size=plan_batch_size, steps_per_epoch=steps_per_epoch,
             shuffle=bool(shuffle), seed=seed, val_batch_size=plan_val_batch_size,
-            validation_steps=validation_steps, should_validate=should_validate, output_names=output_names)
+            validation_steps=validation_steps, should_validate=should_validate, output_names=output_names,
+            micro_batch_size=micro_batch_size)
         return trainer.run_fit(self, train, val, plan)
 
     def _adapt_validation(self, validation_data: Any, loading: data_mod.LoadOptions | None = None):
@@ -417,6 +427,17 @@ class Model:
 
     def load_weights(self, path: str) -> None:
         serialization.load_weights(self, path)
+
+
+def _refuse_chunked_batchnorm(module: nn.Module) -> None:
+    """micro_batch_size must not change the result: a layer that normalises over its batch would."""
+    layers = [name or type(module).__name__ for name, m in module.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if layers:
+        raise ValueError(
+            f"micro_batch_size would change what BatchNorm layer(s) {layers} compute (they would normalise each "
+            "chunk instead of the batch); leave micro_batch_size=None, or pass per_chunk_batchnorm=True to accept "
+            "per-chunk statistics (the result then depends on micro_batch_size)")
 
 
 def _keras_result(logs: dict[str, float], return_dict: bool) -> Any:

@@ -48,6 +48,7 @@ class FitPlan:
     validation_steps: int | None
     should_validate: Callable[[int], bool]
     output_names: list[str]
+    micro_batch_size: int | None = None
 
 
 def run_fit(model: "Model", train: Any, val: Any, plan: FitPlan) -> History:
@@ -100,6 +101,7 @@ def run_fit(model: "Model", train: Any, val: Any, plan: FitPlan) -> History:
     model.stop_training = False
 
     completed, warned = False, False
+    engine.micro_batch_size = plan.micro_batch_size
     try:
         callbacks.call("on_train_begin", {})
         first_epoch = plan.initial_epoch
@@ -139,6 +141,7 @@ def run_fit(model: "Model", train: Any, val: Any, plan: FitPlan) -> History:
         callbacks.call("on_train_end", dict(logs))  # the last epoch's logs, as Keras
         completed = True
     finally:
+        engine.micro_batch_size = None
         close(train, val)   # loader workers end with training, also when it fails
         if backup is not None:
             backup.finish(completed)
