@@ -70,6 +70,47 @@ def test_ci_seeds_cover_the_configuration_space():
     assert any(oracle.refusal_of(c) for c in configs)
 
 
+def _optimizer_features(config: oracle.Config) -> set[str]:
+    """The optimizer's class name and its non-default arguments that are set ('schedule:<class>' for a schedule)."""
+    if config.optimizer[0] != "object":
+        return set()
+    out = {oracle.OPTIMIZERS[config.optimizer[1]][0]}
+    for key, value in config.optimizer[2].items():
+        if isinstance(value, tuple):
+            out |= {"schedule", f"schedule:{value[1]}"}
+        elif value and key != "learning_rate":
+            out.add(key)
+    return out
+
+
+def _metric_objects(config: oracle.Config) -> list[tuple]:
+    lists = ([config.metrics[1]] if isinstance(config.metrics, tuple) else config.metrics) + config.weighted_metrics
+    return [m for per in lists for m in per if m[0] == "object"]
+
+
+def test_ci_seeds_cover_optimizer_and_metric_objects():
+    """... and optimizer objects of every dfit class with each non-default argument the issue names (momentum,
+    nesterov, amsgrad, centered, weight_decay, the three clippings, every schedule class), and metric objects
+    of the confusion family (AUC/Precision/Recall), with from_logits and with names that are not the default."""
+    configs = oracle.configs(oracle.CI_CONFIGS)
+    features = set().union(*map(_optimizer_features, configs))
+    classes = {cls for cls, _ in oracle.OPTIMIZERS.values()}
+    assert {oracle.OPTIMIZERS[n][0] for n in oracle.DFIT_OPTIMIZER_NAMES} <= features <= classes | {
+        "momentum", "nesterov", "amsgrad", "centered", "weight_decay", "clipnorm", "clipvalue", "global_clipnorm",
+        "beta_1", "beta_2", "epsilon", "rho", "initial_accumulator_value", "schedule"} | {
+        f"schedule:{s}" for s in ("ExponentialDecay", "PiecewiseConstantDecay", "PolynomialDecay",
+                                  "InverseTimeDecay", "CosineDecay", "CosineDecayRestarts")}
+    assert {"momentum", "nesterov", "amsgrad", "centered", "weight_decay", "clipnorm", "clipvalue",
+            "global_clipnorm", "schedule:ExponentialDecay", "schedule:PiecewiseConstantDecay",
+            "schedule:PolynomialDecay", "schedule:InverseTimeDecay", "schedule:CosineDecay",
+            "schedule:CosineDecayRestarts"} <= features
+    objects = [m for c in configs for m in _metric_objects(c)]
+    assert {"AUC", "Precision", "Recall"} <= {m[1] for m in objects}
+    assert any(m[2].get("from_logits") for m in objects)
+    assert any(m[2]["name"].startswith("my_") for m in objects)
+    assert any(len(m[2]) > 1 and not m[2].get("from_logits") for m in objects if m[1] == "AUC")
+
+
 def _plain_sgd_config() -> oracle.Config:
     config = next(c for c in oracle.configs(200) if not oracle.known_differences(c)
                   and oracle.refusal_of(c) is None and c.optimizer == ("name", "sgd") and c.epochs >= 2)
