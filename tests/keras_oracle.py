@@ -45,6 +45,11 @@ import dfit
 # near 0 (a weight that crossed 0, a loss near 0) cannot be compared relatively; 1e-6 is ~8 ulps at 1.0.
 RTOL = 1e-5
 ATOL = 1e-6
+# run(config, dtype="float64") trains both frameworks in float64 (a check that a float32 difference is rounding
+# amplified by an ill-conditioned training, not a different computation): weights and predictions are compared
+# at float64's tolerance; the logs at float32's (Keras 3 logs metrics as float32 even with floatx float64).
+TOLERANCES = {"float32": (RTOL, ATOL), "float64": (1e-9, 1e-10)}
+_TOL = [TOLERANCES["float32"]]
 
 CI_CONFIGS = 112
 
@@ -400,10 +405,17 @@ def _metric_names(config: Config) -> list[str]:
 
 _VALUES = ("history values differ", "final weights differ", "evaluate values differ", "predict differs")
 KNOWN_DIFFERENCES: list[KnownDifference] = [
-    KnownDifference("oracle limit: Keras' cosine_similarity gives NaN where predictions come near 0 (the training "
-                    "then diverges on the Keras side; dfit stays finite)",
+    KnownDifference("Keras quirk: keras.losses.cosine_similarity has a NaN gradient where a prediction is exactly the "
+                    "zero vector (a dead ReLU layer with Keras' zero initial biases), so the Keras run is NaN from the "
+                    "first step; dfit's gradient there is finite, as Keras' formula defines it "
+                    "(test_keras_regressions.py::test_cosine_similarity_normalizes_with_keras_epsilon)",
                     lambda c: "cosine_similarity" in c.loss_names(),
                     ("Keras diverged", "all elements of input should be between 0 and 1"), witness=370),
+    KnownDifference("oracle limit: a MAPE loss (100 * |error| / |target|, often with reduction='sum') makes the "
+                    "weights grow 10-1e5 times within a few steps; the two runs agree to float32 rounding at the "
+                    "first step and the growth, and the kinks of |error| and ReLU crossed on one side only, "
+                    "amplify it past rtol 1e-5 (traced step by step: seeds 124, 250, 376, 398, 477)",
+                    lambda c: "mape" in c.loss_names(), _VALUES, witness=376),
 ]
 
 
@@ -598,8 +610,10 @@ def _flat(structure: Any) -> list[np.ndarray]:
     return [np.asarray(structure)]
 
 
-def _close(a: Any, b: Any) -> bool:
-    return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=RTOL, atol=ATOL,
+def _close(a: Any, b: Any, logged: bool = False) -> bool:
+    """Equal within the run's tolerance (``logged``: Keras logs float32 even in a float64 run)."""
+    rtol, atol = TOLERANCES["float32"] if logged else _TOL[0]
+    return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=rtol, atol=atol,
                             equal_nan=True))
 
 
@@ -609,7 +623,7 @@ def compare_logs(what: str, expected: dict, got: dict) -> None:
                                               f"dfit only {sorted(set(got) - set(expected))}")
     if any(np.isnan(expected[k]).any() and not np.isnan(got[k]).any() for k in expected):
         raise Mismatch("Keras diverged (NaN)", "; ".join(f"{k}: Keras {expected[k]} dfit {got[k]}" for k in expected))
-    bad = [k for k in sorted(expected) if not _close(expected[k], got[k])]
+    bad = [k for k in sorted(expected) if not _close(expected[k], got[k], logged=True)]
     if bad:
         raise Mismatch(f"{what} values differ", "; ".join(f"{k}: Keras {expected[k]} dfit {got[k]}" for k in bad))
 
@@ -631,17 +645,39 @@ def _fit_kwargs(config: Config, lib: str, data: dict[str, Any]) -> dict[str, Any
     return kw
 
 
-def run(config: Config) -> Outcome:
-    """Train Keras and dfit on ``config`` and compare; never raises for a difference (returns an Outcome)."""
+def _as(dtype: str, data: Any) -> Any:
+    """Floating arrays of ``data`` (a structure) in ``dtype``; integer labels as they are."""
+    if isinstance(data, dict):
+        return {k: _as(dtype, v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_as(dtype, v) for v in data]
+    return data.astype(dtype) if data.dtype.kind == "f" else data
+
+
+def run(config: Config, dtype: str = "float32") -> Outcome:
+    """Train Keras and dfit on ``config`` and compare; never raises for a difference (returns an Outcome).
+    ``dtype="float64"``: both frameworks in float64, compared at TOLERANCES["float64"]."""
+    k = keras()
+    floatx = k.config.floatx()
+    k.config.set_floatx(dtype)
+    _TOL[0] = TOLERANCES[dtype]
+    try:
+        return _run(config, dtype)
+    finally:
+        k.config.set_floatx(floatx)
+        _TOL[0] = TOLERANCES["float32"]
+
+
+def _run(config: Config, dtype: str) -> Outcome:
     rng = np.random.default_rng(config.seed)
-    x, y, sw = make_data(config, rng, config.n)
-    xv, yv, swv = make_data(config, rng, max(5, config.n // 4))
+    x, y, sw = (_as(dtype, d) for d in make_data(config, rng, config.n))
+    xv, yv, swv = (_as(dtype, d) for d in make_data(config, rng, max(5, config.n // 4)))
     data = dict(sw=sw, xv=xv, yv=yv, swv=swv)
 
     k = keras()
     k.utils.set_random_seed(config.seed)
     kmodel = keras_model(config)
-    module = TorchMLP(config)
+    module = TorchMLP(config).to(getattr(torch, dtype))
     copy_weights(kmodel, module)
 
     refusal = refusal_of(config)

@@ -107,3 +107,22 @@ def test_top_k_accuracy_counts_ties(name):
                   "sparse_categorical_crossentropy", metrics=[name])
     got = model.evaluate(scores, targets, batch_size=3, verbose=0, return_dict=True)
     assert got[name] == pytest.approx(6 / 7)
+
+
+def test_cosine_similarity_normalizes_with_keras_epsilon():
+    """Keras normalises with ``x * min(rsqrt(sum(x**2)), 1 / 1e-7)``: a vector shorter than 1e-7 is scaled by 1e7,
+    not to unit length (dfit used torch's F.normalize, eps 1e-12). At the zero vector the loss is 0 and its
+    gradient is finite: -1e7 times the normalised target (Keras' own autograd gives NaN there, which the fuzz
+    found as a diverging Keras run with a dead ReLU layer, seed 370). keras.losses.cosine_similarity gives
+    [-0, -0.01, -0.4, -(1+2+3)/(sqrt(3)*sqrt(14))] for these rows."""
+    y_pred = torch.tensor([[0.0, 0.0, 0.0], [1e-9, 0.0, 0.0], [3e-8, 4e-8, 0.0], [1.0, 2.0, 3.0]],
+                          dtype=torch.float64, requires_grad=True)
+    y_true = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]], dtype=torch.float64)
+    expected = [0.0, -1e-9 * 1e7, -(4e-8 * 1e7), -6 / (np.sqrt(3) * np.sqrt(14))]
+    loss = dfit.losses.cosine_similarity(y_true, y_pred)
+    assert loss.detach().numpy() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    loss.sum().backward()
+    assert y_pred.grad[0].numpy() == pytest.approx([-1e7 / np.sqrt(3)] * 3, rel=1e-12)
+    metric = dfit.metrics.CosineSimilarity()
+    metric.update_state(y_true[1:3], y_pred[1:3].detach())
+    assert float(metric.result()) == pytest.approx((0.01 + 0.4) / 2, rel=1e-9)
