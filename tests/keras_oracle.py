@@ -22,7 +22,6 @@ Run more configurations than CI does: ``DFIT_FUZZ_CONFIGS=500 python tests/keras
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 import sys
@@ -748,7 +747,8 @@ def main() -> None:
             key = f"[{outcome.status}] {outcome.cause}"
             if known is not None:
                 key = f"[known: {known.group}] {key}"
-            groups[key].append(f"{config.describe()} :: {outcome.detail.strip().splitlines()[-1][:300] if outcome.detail else ''}")
+            last = outcome.detail.strip().splitlines()[-1][:300] if outcome.detail else ""
+            groups[key].append(f"{config.describe()} :: {last}")
         if known is not None:
             known_results[known.group] += 1
         by_optimizer[(config.optimizer[1], outcome.status)] += 1
