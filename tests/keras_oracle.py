@@ -322,7 +322,7 @@ def generate(seed: int) -> Config:
         # Keras 3 maps a flat list of one metric per output positionally (a list of another length is an error)
         common = sorted(set(_metric_pool(heads[0])) & set(_metric_pool(heads[1])) - {"accuracy"})
         if len(common) >= 2:
-            metrics = ("flat", [("name", m) for m in rng.sample(common, 2)])
+            metrics = ("flat", [_draw_metric(rng, m, h) for m, h in zip(rng.sample(common, 2), heads)])
     n = rng.randint(24, 72)
     batch_size = rng.randint(4, 16)
     if rng.random() < 0.2:  # sometimes a batch size that divides the data
