@@ -44,11 +44,6 @@ import dfit
 # near 0 (a weight that crossed 0, a loss near 0) cannot be compared relatively; 1e-6 is ~8 ulps at 1.0.
 RTOL = 1e-5
 ATOL = 1e-6
-# run(config, dtype="float64") trains both frameworks in float64 (a check that a float32 difference is rounding
-# amplified by an ill-conditioned training, not a different computation): weights and predictions are compared
-# at float64's tolerance; the logs at float32's (Keras 3 logs metrics as float32 even with floatx float64).
-TOLERANCES = {"float32": (RTOL, ATOL), "float64": (1e-9, 1e-10)}
-_TOL = [TOLERANCES["float32"]]
 
 CI_CONFIGS = 112
 
@@ -609,10 +604,8 @@ def _flat(structure: Any) -> list[np.ndarray]:
     return [np.asarray(structure)]
 
 
-def _close(a: Any, b: Any, logged: bool = False) -> bool:
-    """Equal within the run's tolerance (``logged``: Keras logs float32 even in a float64 run)."""
-    rtol, atol = TOLERANCES["float32"] if logged else _TOL[0]
-    return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=rtol, atol=atol,
+def _close(a: Any, b: Any) -> bool:
+    return bool(np.allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), rtol=RTOL, atol=ATOL,
                             equal_nan=True))
 
 
@@ -622,7 +615,7 @@ def compare_logs(what: str, expected: dict, got: dict) -> None:
                                               f"dfit only {sorted(set(got) - set(expected))}")
     if any(np.isnan(expected[k]).any() and not np.isnan(got[k]).any() for k in expected):
         raise Mismatch("Keras diverged (NaN)", "; ".join(f"{k}: Keras {expected[k]} dfit {got[k]}" for k in expected))
-    bad = [k for k in sorted(expected) if not _close(expected[k], got[k], logged=True)]
+    bad = [k for k in sorted(expected) if not _close(expected[k], got[k])]
     if bad:
         raise Mismatch(f"{what} values differ", "; ".join(f"{k}: Keras {expected[k]} dfit {got[k]}" for k in bad))
 
@@ -644,39 +637,17 @@ def _fit_kwargs(config: Config, lib: str, data: dict[str, Any]) -> dict[str, Any
     return kw
 
 
-def _as(dtype: str, data: Any) -> Any:
-    """Floating arrays of ``data`` (a structure) in ``dtype``; integer labels as they are."""
-    if isinstance(data, dict):
-        return {k: _as(dtype, v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_as(dtype, v) for v in data]
-    return data.astype(dtype) if data.dtype.kind == "f" else data
-
-
-def run(config: Config, dtype: str = "float32") -> Outcome:
-    """Train Keras and dfit on ``config`` and compare; never raises for a difference (returns an Outcome).
-    ``dtype="float64"``: both frameworks in float64, compared at TOLERANCES["float64"]."""
-    k = keras()
-    floatx = k.config.floatx()
-    k.config.set_floatx(dtype)
-    _TOL[0] = TOLERANCES[dtype]
-    try:
-        return _run(config, dtype)
-    finally:
-        k.config.set_floatx(floatx)
-        _TOL[0] = TOLERANCES["float32"]
-
-
-def _run(config: Config, dtype: str) -> Outcome:
+def run(config: Config) -> Outcome:
+    """Train Keras and dfit on ``config`` and compare; never raises for a difference (returns an Outcome)."""
     rng = np.random.default_rng(config.seed)
-    x, y, sw = (_as(dtype, d) for d in make_data(config, rng, config.n))
-    xv, yv, swv = (_as(dtype, d) for d in make_data(config, rng, max(5, config.n // 4)))
+    x, y, sw = make_data(config, rng, config.n)
+    xv, yv, swv = make_data(config, rng, max(5, config.n // 4))
     data = dict(sw=sw, xv=xv, yv=yv, swv=swv)
 
     k = keras()
     k.utils.set_random_seed(config.seed)
     kmodel = keras_model(config)
-    module = TorchMLP(config).to(getattr(torch, dtype))
+    module = TorchMLP(config)
     copy_weights(kmodel, module)
 
     refusal = refusal_of(config)
