@@ -11,9 +11,10 @@ compares ``history.history`` (as dicts: same keys), the final weights, ``evaluat
 ``predict``.
 
 Outcomes: ``"pass"``, ``"refused"`` (dfit refuses the configuration on purpose: ``REFUSED`` below, where each
-reason is checked to be the error dfit raises, never silently skipped) or ``"fail"`` with a cause. A known,
-not-yet-fixed difference is listed in ``KNOWN_DIFFERENCES``; the pytest entry marks such configurations
-``xfail(strict=True)`` so that a fix shows up as an unexpected pass.
+reason is checked to be the error dfit raises, never silently skipped) or ``"fail"`` with a cause. A known
+difference (a Keras quirk, a limit of the oracle, or a dfit bug not fixed yet) is listed in
+``KNOWN_DIFFERENCES``; the pytest entry marks such configurations xfail and runs a witness of each under
+``xfail(strict=True)`` so that a fix (on either side) shows up as an unexpected pass.
 
 Keras must be imported with ``KERAS_BACKEND=torch``; ``keras()`` does it once per process.
 
@@ -372,10 +373,10 @@ def refusal_of(config: Config) -> Refusal | None:
     return next((r for r in REFUSED if r.applies(config)), None)
 
 
-# -- known, not-yet-fixed differences ----------------------------------------------------------------------
+# -- known differences (Keras quirks, oracle limits, dfit bugs not fixed yet) --------------------------------
 @dataclasses.dataclass(frozen=True)
 class KnownDifference:
-    """A difference from Keras that is known and not fixed yet. ``symptoms``: the failure causes it explains
+    """A difference from Keras that is known and explained. ``symptoms``: the failure causes it explains
     (a failure with another cause is still a failure). ``witness``: a seed whose configuration shows it, run by
     a strict xfail test so that the fix shows up."""
     group: str
