@@ -2,8 +2,9 @@
 
 Each item trains Keras and dfit on one random configuration and compares history, final weights, evaluate and
 predict (float32, rtol 1e-5). A configuration dfit refuses on purpose must raise the error its table entry
-names; a failure explained by a known difference (keras_oracle.KNOWN_DIFFERENCES) is an xfail, and each such difference has a
-witness configuration run under ``xfail(strict=True)``, so its fix shows up as an unexpected pass.
+names; a failure explained by a known difference (keras_oracle.KNOWN_DIFFERENCES) is an xfail, and each such
+difference has a witness configuration run under ``xfail(strict=True)``, so its fix shows up as an unexpected
+pass.
 """
 from __future__ import annotations
 
