@@ -162,9 +162,16 @@ def categorical_hinge(y_true, y_pred):
     return (neg - pos + 1.0).clamp_min(0.0)
 
 
+def _l2_normalize(x):
+    """``x / max(||x||, 1e-7)`` over the last axis: Keras' ``x * min(rsqrt(sum(x**2)), 1 / epsilon())`` with its
+    epsilon 1e-7 (a vector shorter than 1e-7 is scaled by 1e7, not to unit length), whose gradient at the zero
+    vector is finite (1e7; Keras' autograd gives NaN there)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-7)
+
+
 def cosine_similarity(y_true, y_pred):
     y_true = align_targets(y_pred, y_true)
-    return -(F.normalize(y_true, dim=-1) * F.normalize(y_pred, dim=-1)).sum(dim=-1)
+    return -(_l2_normalize(y_true) * _l2_normalize(y_pred)).sum(dim=-1)
 
 
 def log_cosh(y_true, y_pred):

@@ -2,8 +2,9 @@
 
 Each item trains Keras and dfit on one random configuration and compares history, final weights, evaluate and
 predict (float32, rtol 1e-5). A configuration dfit refuses on purpose must raise the error its table entry
-names; a failure explained by a known, not-yet-fixed difference is an xfail, and each such difference has a
-witness configuration run under ``xfail(strict=True)``, so its fix shows up as an unexpected pass.
+names; a failure explained by a known difference (keras_oracle.KNOWN_DIFFERENCES) is an xfail, and each such
+difference has a witness configuration run under ``xfail(strict=True)``, so its fix shows up as an unexpected
+pass.
 """
 from __future__ import annotations
 
@@ -68,6 +69,47 @@ def test_ci_seeds_cover_the_configuration_space():
     assert any(s[0] == "object" and s[2].get("label_smoothing") for c in configs for s in c.losses)
     assert any(c.n % c.batch_size for c in configs) and {c.epochs for c in configs} == {1, 2, 3}
     assert any(oracle.refusal_of(c) for c in configs)
+
+
+def _optimizer_features(config: oracle.Config) -> set[str]:
+    """The optimizer's class name and its non-default arguments that are set ('schedule:<class>' for a schedule)."""
+    if config.optimizer[0] != "object":
+        return set()
+    out = {oracle.OPTIMIZERS[config.optimizer[1]][0]}
+    for key, value in config.optimizer[2].items():
+        if isinstance(value, tuple):
+            out |= {"schedule", f"schedule:{value[1]}"}
+        elif value and key != "learning_rate":
+            out.add(key)
+    return out
+
+
+def _metric_objects(config: oracle.Config) -> list[tuple]:
+    lists = ([config.metrics[1]] if isinstance(config.metrics, tuple) else config.metrics) + config.weighted_metrics
+    return [m for per in lists for m in per if m[0] == "object"]
+
+
+def test_ci_seeds_cover_optimizer_and_metric_objects():
+    """... and optimizer objects of every dfit class with each non-default argument the issue names (momentum,
+    nesterov, amsgrad, centered, weight_decay, the three clippings, every schedule class), and metric objects
+    of the confusion family (AUC/Precision/Recall), with from_logits and with names that are not the default."""
+    configs = oracle.configs(oracle.CI_CONFIGS)
+    features = set().union(*map(_optimizer_features, configs))
+    classes = {cls for cls, _ in oracle.OPTIMIZERS.values()}
+    assert {oracle.OPTIMIZERS[n][0] for n in oracle.DFIT_OPTIMIZER_NAMES} <= features <= classes | {
+        "momentum", "nesterov", "amsgrad", "centered", "weight_decay", "clipnorm", "clipvalue", "global_clipnorm",
+        "beta_1", "beta_2", "epsilon", "rho", "initial_accumulator_value", "schedule"} | {
+        f"schedule:{s}" for s in ("ExponentialDecay", "PiecewiseConstantDecay", "PolynomialDecay",
+                                  "InverseTimeDecay", "CosineDecay", "CosineDecayRestarts")}
+    assert {"momentum", "nesterov", "amsgrad", "centered", "weight_decay", "clipnorm", "clipvalue",
+            "global_clipnorm", "schedule:ExponentialDecay", "schedule:PiecewiseConstantDecay",
+            "schedule:PolynomialDecay", "schedule:InverseTimeDecay", "schedule:CosineDecay",
+            "schedule:CosineDecayRestarts"} <= features
+    objects = [m for c in configs for m in _metric_objects(c)]
+    assert {"AUC", "Precision", "Recall"} <= {m[1] for m in objects}
+    assert any(m[2].get("from_logits") for m in objects)
+    assert any(m[2]["name"].startswith("my_") for m in objects)
+    assert any(len(m[2]) > 1 and not m[2].get("from_logits") for m in objects if m[1] == "AUC")
 
 
 def _plain_sgd_config() -> oracle.Config:

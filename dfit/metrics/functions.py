@@ -39,9 +39,11 @@ def sparse_categorical_accuracy(y_true, y_pred):
 
 
 def sparse_top_k_categorical_accuracy(y_true, y_pred, k: int = 5):
-    """Whether the integer target is among the ``k`` largest predictions."""
-    top = y_pred.topk(min(k, y_pred.shape[-1]), dim=-1).indices
-    return (top == _sparse_labels(y_true, y_pred).long().unsqueeze(-1)).any(dim=-1).to(y_pred.dtype)
+    """Whether the integer target is among the ``k`` largest predictions: as in Keras, whether its score is at
+    least the k-th largest score (so a target tied with the k-th score counts as a hit)."""
+    kth = y_pred.topk(min(k, y_pred.shape[-1]), dim=-1).values[..., -1:]
+    target = y_pred.gather(-1, _sparse_labels(y_true, y_pred).long().unsqueeze(-1))
+    return (target >= kth).squeeze(-1).to(y_pred.dtype)
 
 
 def top_k_categorical_accuracy(y_true, y_pred, k: int = 5):
