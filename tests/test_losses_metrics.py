@@ -427,3 +427,64 @@ def test_fixed_linear_helper_sanity():
     layer = fixed_linear([[2.0, -1.0]], [0.5])
     assert layer(torch.tensor([[1.0, 1.0]], dtype=F64)).item() == pytest.approx(1.5)
     assert isinstance(frozen(layer.parameters()), torch.optim.SGD)
+
+
+# -- sequence targets: a loss reduces only the LAST axis (found by mutation testing, see tests/README.md) ----------
+def _np_per_step(name, t, p):
+    """Keras' per-(sample, step) values for (batch, steps, features) arrays, written out in numpy."""
+    err = p - t
+    if name == "mean_absolute_percentage_error":
+        return 100 * np.abs(err / np.maximum(np.abs(t), EPS)).mean(-1)
+    if name == "huber":
+        a = np.abs(err)
+        return np.where(a <= 1.0, 0.5 * a ** 2, a - 0.5).mean(-1)
+    if name == "squared_hinge":
+        return np.maximum(1 - k_signed(t) * p, 0).__pow__(2).mean(-1)
+    if name == "hinge":
+        return np.maximum(1 - k_signed(t) * p, 0).mean(-1)
+    if name == "mean_squared_error":
+        return (err ** 2).mean(-1)
+    if name == "mean_absolute_error":
+        return np.abs(err).mean(-1)
+    if name == "log_cosh":
+        return np.log(np.cosh(err)).mean(-1)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["mean_absolute_percentage_error", "huber", "squared_hinge", "hinge",
+                                  "mean_squared_error", "mean_absolute_error", "log_cosh"])
+def test_losses_of_sequences_reduce_only_the_last_axis(name):
+    t = RNG.integers(0, 2, size=(2, 3, 4)).astype(np.float64) if "hinge" in name else RNG.normal(size=(2, 3, 4))
+    p = RNG.normal(size=(2, 3, 4)) * 2
+    got = getattr(L, name)(torch.from_numpy(t), torch.from_numpy(p))
+    assert tuple(got.shape) == (2, 3)
+    np.testing.assert_allclose(got.numpy(), _np_per_step(name, t, p), rtol=1e-12, atol=1e-12)
+
+
+def test_kl_divergence_clips_targets_to_at_most_one():
+    t = np.array([[0.2, 1.5, 3.0], [0.0, 0.5, 2.0]])
+    p = np.array([[0.3, 0.3, 0.4], [0.1, 0.6, 0.3]])
+    tc, pc = np.clip(t, EPS, 1.0), np.clip(p, EPS, 1.0)
+    got = L.kl_divergence(torch.from_numpy(t), torch.from_numpy(p))
+    np.testing.assert_allclose(got.numpy(), (tc * np.log(tc / pc)).sum(-1), rtol=1e-12)
+
+
+def test_accuracy_function_is_per_sample_and_keeps_the_prediction_dtype():
+    t1, p1 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 0.0, 3.0])
+    assert M.accuracy(t1, p1).tolist() == [1.0, 0.0, 1.0]
+    assert M.accuracy(t1, p1).dtype == torch.float32
+    t2, p2 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    assert M.accuracy(t2, p2).tolist() == [0.5, 1.0]
+    t3 = torch.tensor([[[1, 2], [3, 4], [5, 6]]])
+    p3 = torch.tensor([[[1, 0], [3, 4], [0, 0]]])
+    assert M.accuracy(t3, p3).tolist() == [[0.5, 1.0, 0.0]]
+    assert M.accuracy(t3, p3).dtype == torch.float64  # integer predictions: float64 values
+
+
+def test_unknown_metric_message_lists_every_known_name():
+    with pytest.raises(ValueError, match=r"Unknown metric 'nope'\. Known names: ") as info:
+        M.get("nope")
+    known = str(info.value).split("Known names: ", 1)[1].split(", ")
+    assert known == sorted(known)
+    # one name from each table: a function, a snake-case class name, a class
+    assert {"mse", "binary_accuracy", "auc", "root_mean_squared_error", "AUC", "Precision"} <= set(known)
