@@ -488,3 +488,11 @@ def test_unknown_metric_message_lists_every_known_name():
     assert known == sorted(known)
     # one name from each table: a function, a snake-case class name, a class
     assert {"mse", "binary_accuracy", "auc", "root_mean_squared_error", "AUC", "Precision"} <= set(known)
+
+
+def test_top_k_accuracy_of_sequences_is_per_step():
+    # (batch 1, 2 steps, 3 classes): step 0's target class 2 is in the top 2, step 1's class 0 is not
+    p = torch.tensor([[[0.1, 0.5, 0.4], [0.1, 0.5, 0.4]]])
+    t = torch.tensor([[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]])
+    assert M.top_k_categorical_accuracy(t, p, k=2).tolist() == [[1.0, 0.0]]
+    assert M.sparse_top_k_categorical_accuracy(torch.tensor([[2, 0]]), p, k=2).tolist() == [[1.0, 0.0]]
