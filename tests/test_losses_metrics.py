@@ -226,8 +226,16 @@ def test_callable_loss_returning_a_scalar_is_the_batch_mean_and_refuses_sample_w
 
     p, t = RNG.normal(size=(8, 1)), RNG.normal(size=(8, 1))
     assert _evaluate_loss(mean_sq, p, t) == pytest.approx(((p - t) ** 2).mean(), rel=1e-12)
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ValueError, match="loss 'mean_sq' returned a scalar, so sample weights cannot be applied"):
         _evaluate_loss(mean_sq, p, t, sample_weight=np.ones(8))
+
+    class BatchMeanLoss(L.Loss):  # a Loss object whose call() already averages: named by its name
+        def call(self, y_true, y_pred):
+            return ((y_pred - y_true) ** 2).mean()
+
+    assert _evaluate_loss(BatchMeanLoss(), p, t) == pytest.approx(((p - t) ** 2).mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="loss 'batch_mean_loss' returned a scalar"):
+        _evaluate_loss(BatchMeanLoss(), p, t, sample_weight=np.ones(8))
 
 
 def test_loss_weights_and_per_output_losses():
