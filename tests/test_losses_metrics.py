@@ -456,11 +456,14 @@ def _np_per_step(name, t, p):
         return np.abs(err).mean(-1)
     if name == "log_cosh":
         return np.log(np.cosh(err)).mean(-1)
+    if name == "cosine_similarity":
+        unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+        return -(unit(t) * unit(p)).sum(-1)
     raise KeyError(name)
 
 
 @pytest.mark.parametrize("name", ["mean_absolute_percentage_error", "huber", "squared_hinge", "hinge",
-                                  "mean_squared_error", "mean_absolute_error", "log_cosh"])
+                                  "mean_squared_error", "mean_absolute_error", "log_cosh", "cosine_similarity"])
 def test_losses_of_sequences_reduce_only_the_last_axis(name):
     t = RNG.integers(0, 2, size=(2, 3, 4)).astype(np.float64) if "hinge" in name else RNG.normal(size=(2, 3, 4))
     p = RNG.normal(size=(2, 3, 4)) * 2
@@ -504,3 +507,22 @@ def test_top_k_accuracy_of_sequences_is_per_step():
     t = torch.tensor([[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]])
     assert M.top_k_categorical_accuracy(t, p, k=2).tolist() == [[1.0, 0.0]]
     assert M.sparse_top_k_categorical_accuracy(torch.tensor([[2, 0]]), p, k=2).tolist() == [[1.0, 0.0]]
+    # k is capped by the number of CLASSES (3 here), not by the number of steps (2)
+    assert M.sparse_top_k_categorical_accuracy(torch.tensor([[2, 0]]), p, k=3).tolist() == [[1.0, 1.0]]
+
+
+def test_sparse_crossentropy_from_logits_of_sequences():
+    z = RNG.normal(size=(5, 3, 4))          # (batch, steps, classes) logits
+    t = RNG.integers(0, 4, size=(5, 3))     # one class per step
+    logp = np.log(_softmax(z))
+    want = -np.take_along_axis(logp, t[..., None], -1)[..., 0].mean()
+    got = _evaluate_loss(L.SparseCategoricalCrossentropy(from_logits=True), z, t)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), torch.nn.functional.cross_entropy])
+def test_torch_cross_entropy_takes_integer_labels_of_shape_n_1(loss):
+    z = RNG.normal(size=(7, 3))
+    t = RNG.integers(0, 3, size=(7, 1))
+    want = -np.take_along_axis(np.log(_softmax(z)), t, -1).mean()
+    assert _evaluate_loss(loss, z, t) == pytest.approx(want, rel=1e-12)
