@@ -518,6 +518,10 @@ def test_sparse_crossentropy_from_logits_of_sequences():
     want = -np.take_along_axis(logp, t[..., None], -1)[..., 0].mean()
     got = _evaluate_loss(L.SparseCategoricalCrossentropy(from_logits=True), z, t)
     assert got == pytest.approx(want, rel=1e-12)
+    w = RNG.uniform(0.5, 2.0, size=5)   # weighted: the per-element path instead of the fused sum
+    per_sample = -np.take_along_axis(logp, t[..., None], -1)[..., 0].mean(-1)
+    got = _evaluate_loss(L.SparseCategoricalCrossentropy(from_logits=True), z, t, sample_weight=w)
+    assert got == pytest.approx((w * per_sample).mean(), rel=1e-12)
 
 
 @pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), torch.nn.functional.cross_entropy])
