@@ -151,10 +151,10 @@ def test_multi_output_mismatches_are_clear_errors():
     with pytest.raises(ValueError, match=r"loss names outputs \['nope'\] that have no targets in y"):
         model.fit(x, {"score": y1, "pair": y2}, epochs=1, verbose=0)
     model = frozen_model(TwoOutputs(True), loss="mse")
-    with pytest.raises(ValueError, match="no entries for outputs"):
+    with pytest.raises(ValueError, match=r"the model output has no entries for outputs \['other'\]"):
         model.fit(x, {"score": y1, "other": y2}, epochs=1, verbose=0)
     model = frozen_model(TwoOutputs(False), loss="mse")
-    with pytest.raises(ValueError, match="2 entries but there are 1 outputs"):
+    with pytest.raises(ValueError, match="the model output has 2 entries but there are 1 outputs"):
         model.fit(x, y1, epochs=1, verbose=0)
 
 

@@ -530,3 +530,14 @@ def test_torch_cross_entropy_takes_integer_labels_of_shape_n_1(loss):
     t = RNG.integers(0, 3, size=(7, 1))
     want = -np.take_along_axis(np.log(_softmax(z)), t, -1).mean()
     assert _evaluate_loss(loss, z, t) == pytest.approx(want, rel=1e-12)
+
+
+def test_targets_with_a_trailing_axis_of_one_against_flat_predictions():
+    p, t = torch.tensor([[1.0, 2.0], [0.0, 1.0]]), torch.tensor([[[1.0], [0.0]], [[2.0], [1.0]]])
+    # y_true (2, 2, 1) against y_pred (2, 2): the trailing 1 is dropped, no (2, 2, 2) broadcast
+    assert L.mean_squared_error(t, p).tolist() == [(0 + 4) / 2, (4 + 0) / 2]
+
+
+def test_loss_weights_of_the_wrong_length_are_named_in_the_error():
+    with pytest.raises(ValueError, match="loss_weights has 3 entries, one per model output"):
+        L.CompiledLoss("mse", [1.0, 2.0, 3.0], ["a", "b"])
