@@ -151,10 +151,10 @@ def test_multi_output_mismatches_are_clear_errors():
     with pytest.raises(ValueError, match=r"loss names outputs \['nope'\] that have no targets in y"):
         model.fit(x, {"score": y1, "pair": y2}, epochs=1, verbose=0)
     model = frozen_model(TwoOutputs(True), loss="mse")
-    with pytest.raises(ValueError, match="no entries for outputs"):
+    with pytest.raises(ValueError, match=r"the model output has no entries for outputs \['other'\]"):
         model.fit(x, {"score": y1, "other": y2}, epochs=1, verbose=0)
     model = frozen_model(TwoOutputs(False), loss="mse")
-    with pytest.raises(ValueError, match="2 entries but there are 1 outputs"):
+    with pytest.raises(ValueError, match="the model output has 2 entries but there are 1 outputs"):
         model.fit(x, y1, epochs=1, verbose=0)
 
 
@@ -390,3 +390,120 @@ def test_module_must_be_a_torch_module():
         dfit.Model(lambda x: x)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         dfit.Sequential([nn.Linear(1, 1), "relu"])
+
+
+# -- the global-batch arithmetic (dfit.data.sharding), rank by rank in one process ----------------------------------
+from dfit.data import sharding as S  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 7, 10, 13])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_part_bounds_split_contiguously_with_the_extra_rows_first(n, world):
+    bounds = [S.part_bounds(n, world, r) for r in range(world)]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(bounds[r][1] == bounds[r + 1][0] for r in range(world - 1))
+    sizes = [stop - start for start, stop in bounds]
+    assert sizes == [n // world + (1 if r < n % world else 0) for r in range(world)]
+
+
+def test_part_bounds_by_hand():
+    assert [S.part_bounds(10, 3, r) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    assert [S.part_bounds(2, 3, r) for r in range(3)] == [(0, 1), (1, 2), (2, 2)]
+
+
+def test_num_batches_counts_the_last_partial_batch():
+    assert [S.num_batches(n, 3) for n in (0, 1, 3, 4, 9, 10)] == [0, 1, 1, 2, 3, 4]
+
+
+def test_permutation_is_a_function_of_seed_and_pass_only():
+    p = S.permutation(50, 7, 2)
+    assert sorted(p.tolist()) == list(range(50))
+    want = np.random.default_rng([7, 2]).permutation(50)  # the documented stream, written out
+    np.testing.assert_array_equal(p.numpy(), want)
+    assert torch.equal(S.permutation(50, 7, 2), p)
+    assert not torch.equal(S.permutation(50, 7, 3), p)
+    assert not torch.equal(S.permutation(50, 8, 2), p)
+    # the seed is taken modulo 2**32 (negative and large seeds are valid)
+    assert torch.equal(S.permutation(50, 2**32 + 7, 2), p)
+    np.testing.assert_array_equal(S.permutation(20, -1, 0).numpy(),
+                                  np.random.default_rng([2**32 - 1, 0]).permutation(20))
+
+
+def _global_batches(n, batch_size, world, shuffle, seed=3, pass_index=0):
+    """Per step: the rows of all ranks concatenated in rank order, and the global sizes each rank reports."""
+    plans = [S.GlobalBatchPlan(n, batch_size, r, world, shuffle, seed, pass_index) for r in range(world)]
+    out = []
+    for step in range(S.num_batches(n, batch_size)):
+        parts = [plan.rows(step) for plan in plans]
+        rows = [torch.arange(n)[r].tolist() for r, _ in parts]
+        sizes = {size for _, size in parts}
+        assert len(sizes) == 1, f"ranks disagree on the global batch size at step {step}: {sizes}"
+        out.append(([i for part in rows for i in part], sizes.pop(), [len(r) for r in rows]))
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_global_batches_are_the_same_on_any_number_of_ranks(world, shuffle):
+    n, batch_size = 23, 5  # 4 full batches and one of 3 rows (fewer than some worlds' ranks + 1)
+    order = S.permutation(n, 3, 0).tolist() if shuffle else list(range(n))
+    got = _global_batches(n, batch_size, world, shuffle)
+    assert [rows for rows, _, _ in got] == [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    assert [size for _, size, _ in got] == [5, 5, 5, 5, 3]
+    for rows, size, lengths in got:
+        assert lengths == [S.part_bounds(size, world, r)[1] - S.part_bounds(size, world, r)[0] for r in range(world)]
+
+
+def test_unshuffled_rows_are_slices_and_shuffled_rows_index_tensors():
+    plan = S.GlobalBatchPlan(10, 4, 1, 2, shuffle=False, seed=0, pass_index=0)
+    assert plan.rows(0) == (slice(2, 4), 4)
+    assert plan.rows(2) == (slice(9, 10), 2)
+    shuffled = S.GlobalBatchPlan(10, 4, 1, 2, shuffle=True, seed=0, pass_index=0)
+    rows, size = shuffled.rows(2)
+    assert size == 2 and torch.equal(rows, S.permutation(10, 0, 0)[9:10])
+
+
+def test_epoch_batches_follow_keras_steps_per_epoch():
+    assert S.epoch_batches(10, 3, None) == (3, range(10))
+    assert S.epoch_batches(10, 3, 10) == (3, range(10))
+    assert S.epoch_batches(10, 3, 25) == (3, range(10))
+    # 4 steps per epoch over 10 batches: epochs (0..3), (4..7), (8, 9), then a new pass
+    assert [S.epoch_batches(10, e, 4) for e in range(4)] == [
+        (0, range(0, 4)), (0, range(4, 8)), (0, range(8, 10)), (1, range(0, 4))]
+    assert [S.epoch_batches(6, e, 3) for e in range(3)] == [(0, range(0, 3)), (0, range(3, 6)), (1, range(0, 3))]
+
+
+def test_epoch_rows_on_every_rank_make_up_the_global_epoch():
+    n, batch_size, steps, seed = 17, 4, 3, 5   # 5 batches a pass: epochs of 3 and 2 batches
+    for epoch in range(3):
+        pass_index = epoch // 2
+        order = S.permutation(n, seed, pass_index)
+        want_batches = range(0, 3) if epoch % 2 == 0 else range(3, 5)
+        per_rank = [list(S.epoch_rows(n, batch_size, epoch, steps, True, seed, r, 2)) for r in range(2)]
+        assert [len(p) for p in per_rank] == [len(want_batches)] * 2
+        for k, step in enumerate(want_batches):
+            rows = torch.cat([per_rank[r][k][0] for r in range(2)])
+            assert torch.equal(rows, order[step * batch_size:min((step + 1) * batch_size, n)])
+            assert {per_rank[r][k][1] for r in range(2)} == {min(batch_size, n - step * batch_size)}
+
+
+def test_batch_size_for_follows_keras():
+    assert S.batch_size_for(100, 16, None) == 16
+    assert S.batch_size_for(100, 16, 3) == 16
+    assert S.batch_size_for(100, None, 7) == 15       # ceil(100 / 7)
+    assert S.batch_size_for(100, None, 100) == 1
+    assert S.batch_size_for(0, None, 5) == 1
+    assert S.batch_size_for(100, None, None) == 32
+    assert S.batch_size_for(100, None, 0) == 32
+
+
+def test_split_point_keeps_the_last_rows_for_validation():
+    assert S.split_point(10, 0.2) == 8
+    assert S.split_point(10, 0.25) == 7   # int(7.5): Keras truncates
+    assert S.split_point(2, 0.5) == 1
+    with pytest.raises(ValueError, match=r"validation_split=0.0 of 10 samples leaves no validation samples"):
+        S.split_point(10, 0.0)
+    with pytest.raises(ValueError, match=r"validation_split=0.95 of 10 samples leaves no training samples"):
+        S.split_point(10, 0.95)
+    with pytest.raises(ValueError, match="no training samples"):
+        S.split_point(10, 1.0)

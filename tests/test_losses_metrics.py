@@ -226,8 +226,16 @@ def test_callable_loss_returning_a_scalar_is_the_batch_mean_and_refuses_sample_w
 
     p, t = RNG.normal(size=(8, 1)), RNG.normal(size=(8, 1))
     assert _evaluate_loss(mean_sq, p, t) == pytest.approx(((p - t) ** 2).mean(), rel=1e-12)
-    with pytest.raises(ValueError, match="scalar"):
+    with pytest.raises(ValueError, match="loss 'mean_sq' returned a scalar, so sample weights cannot be applied"):
         _evaluate_loss(mean_sq, p, t, sample_weight=np.ones(8))
+
+    class BatchMeanLoss(L.Loss):  # a Loss object whose call() already averages: named by its name
+        def call(self, y_true, y_pred):
+            return ((y_pred - y_true) ** 2).mean()
+
+    assert _evaluate_loss(BatchMeanLoss(), p, t) == pytest.approx(((p - t) ** 2).mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="loss 'batch_mean_loss' returned a scalar"):
+        _evaluate_loss(BatchMeanLoss(), p, t, sample_weight=np.ones(8))
 
 
 def test_loss_weights_and_per_output_losses():
@@ -427,3 +435,109 @@ def test_fixed_linear_helper_sanity():
     layer = fixed_linear([[2.0, -1.0]], [0.5])
     assert layer(torch.tensor([[1.0, 1.0]], dtype=F64)).item() == pytest.approx(1.5)
     assert isinstance(frozen(layer.parameters()), torch.optim.SGD)
+
+
+# -- sequence targets: a loss reduces only the LAST axis (found by mutation testing, see tests/README.md) ----------
+def _np_per_step(name, t, p):
+    """Keras' per-(sample, step) values for (batch, steps, features) arrays, written out in numpy."""
+    err = p - t
+    if name == "mean_absolute_percentage_error":
+        return 100 * np.abs(err / np.maximum(np.abs(t), EPS)).mean(-1)
+    if name == "huber":
+        a = np.abs(err)
+        return np.where(a <= 1.0, 0.5 * a ** 2, a - 0.5).mean(-1)
+    if name == "squared_hinge":
+        return np.maximum(1 - k_signed(t) * p, 0).__pow__(2).mean(-1)
+    if name == "hinge":
+        return np.maximum(1 - k_signed(t) * p, 0).mean(-1)
+    if name == "mean_squared_error":
+        return (err ** 2).mean(-1)
+    if name == "mean_absolute_error":
+        return np.abs(err).mean(-1)
+    if name == "log_cosh":
+        return np.log(np.cosh(err)).mean(-1)
+    if name == "cosine_similarity":
+        unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # noqa: E731
+        return -(unit(t) * unit(p)).sum(-1)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["mean_absolute_percentage_error", "huber", "squared_hinge", "hinge",
+                                  "mean_squared_error", "mean_absolute_error", "log_cosh", "cosine_similarity"])
+def test_losses_of_sequences_reduce_only_the_last_axis(name):
+    t = RNG.integers(0, 2, size=(2, 3, 4)).astype(np.float64) if "hinge" in name else RNG.normal(size=(2, 3, 4))
+    p = RNG.normal(size=(2, 3, 4)) * 2
+    got = getattr(L, name)(torch.from_numpy(t), torch.from_numpy(p))
+    assert tuple(got.shape) == (2, 3)
+    np.testing.assert_allclose(got.numpy(), _np_per_step(name, t, p), rtol=1e-12, atol=1e-12)
+
+
+def test_kl_divergence_clips_targets_to_at_most_one():
+    t = np.array([[0.2, 1.5, 3.0], [0.0, 0.5, 2.0]])
+    p = np.array([[0.3, 0.3, 0.4], [0.1, 0.6, 0.3]])
+    tc, pc = np.clip(t, EPS, 1.0), np.clip(p, EPS, 1.0)
+    got = L.kl_divergence(torch.from_numpy(t), torch.from_numpy(p))
+    np.testing.assert_allclose(got.numpy(), (tc * np.log(tc / pc)).sum(-1), rtol=1e-12)
+
+
+def test_accuracy_function_is_per_sample_and_keeps_the_prediction_dtype():
+    t1, p1 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 0.0, 3.0])
+    assert M.accuracy(t1, p1).tolist() == [1.0, 0.0, 1.0]
+    assert M.accuracy(t1, p1).dtype == torch.float32
+    t2, p2 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[1.0, 0.0], [3.0, 4.0]])
+    assert M.accuracy(t2, p2).tolist() == [0.5, 1.0]
+    t3 = torch.tensor([[[1, 2], [3, 4], [5, 6]]])
+    p3 = torch.tensor([[[1, 0], [3, 4], [0, 0]]])
+    assert M.accuracy(t3, p3).tolist() == [[0.5, 1.0, 0.0]]
+    assert M.accuracy(t3, p3).dtype == torch.float64  # integer predictions: float64 values
+
+
+def test_unknown_metric_message_lists_every_known_name():
+    with pytest.raises(ValueError, match=r"Unknown metric 'nope'\. Known names: ") as info:
+        M.get("nope")
+    known = str(info.value).split("Known names: ", 1)[1].split(", ")
+    assert known == sorted(known)
+    # one name from each table: a function, a snake-case class name, a class
+    assert {"mse", "binary_accuracy", "auc", "root_mean_squared_error", "AUC", "Precision"} <= set(known)
+
+
+def test_top_k_accuracy_of_sequences_is_per_step():
+    # (batch 1, 2 steps, 3 classes): step 0's target class 2 is in the top 2, step 1's class 0 is not
+    p = torch.tensor([[[0.1, 0.5, 0.4], [0.1, 0.5, 0.4]]])
+    t = torch.tensor([[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]])
+    assert M.top_k_categorical_accuracy(t, p, k=2).tolist() == [[1.0, 0.0]]
+    assert M.sparse_top_k_categorical_accuracy(torch.tensor([[2, 0]]), p, k=2).tolist() == [[1.0, 0.0]]
+    # k is capped by the number of CLASSES (3 here), not by the number of steps (2)
+    assert M.sparse_top_k_categorical_accuracy(torch.tensor([[2, 0]]), p, k=3).tolist() == [[1.0, 1.0]]
+
+
+def test_sparse_crossentropy_from_logits_of_sequences():
+    z = RNG.normal(size=(5, 3, 4))          # (batch, steps, classes) logits
+    t = RNG.integers(0, 4, size=(5, 3))     # one class per step
+    logp = np.log(_softmax(z))
+    want = -np.take_along_axis(logp, t[..., None], -1)[..., 0].mean()
+    got = _evaluate_loss(L.SparseCategoricalCrossentropy(from_logits=True), z, t)
+    assert got == pytest.approx(want, rel=1e-12)
+    w = RNG.uniform(0.5, 2.0, size=5)   # weighted: the per-element path instead of the fused sum
+    per_sample = -np.take_along_axis(logp, t[..., None], -1)[..., 0].mean(-1)
+    got = _evaluate_loss(L.SparseCategoricalCrossentropy(from_logits=True), z, t, sample_weight=w)
+    assert got == pytest.approx((w * per_sample).mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), torch.nn.functional.cross_entropy])
+def test_torch_cross_entropy_takes_integer_labels_of_shape_n_1(loss):
+    z = RNG.normal(size=(7, 3))
+    t = RNG.integers(0, 3, size=(7, 1))
+    want = -np.take_along_axis(np.log(_softmax(z)), t, -1).mean()
+    assert _evaluate_loss(loss, z, t) == pytest.approx(want, rel=1e-12)
+
+
+def test_targets_with_a_trailing_axis_of_one_against_flat_predictions():
+    p, t = torch.tensor([[1.0, 2.0], [0.0, 1.0]]), torch.tensor([[[1.0], [0.0]], [[2.0], [1.0]]])
+    # y_true (2, 2, 1) against y_pred (2, 2): the trailing 1 is dropped, no (2, 2, 2) broadcast
+    assert L.mean_squared_error(t, p).tolist() == [(0 + 4) / 2, (4 + 0) / 2]
+
+
+def test_loss_weights_of_the_wrong_length_are_named_in_the_error():
+    with pytest.raises(ValueError, match="loss_weights has 3 entries, one per model output"):
+        L.CompiledLoss("mse", [1.0, 2.0, 3.0], ["a", "b"])

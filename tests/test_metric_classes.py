@@ -302,7 +302,7 @@ def test_metric_subclass_needs_update_state_and_super_init():
         def result(self):
             return torch.zeros(())
 
-    with pytest.raises(NotImplementedError, match="update_state"):
+    with pytest.raises(NotImplementedError, match=r"NoUpdate must implement update_state\(y_true, y_pred"):
         NoUpdate().update_state(torch.zeros(2), torch.zeros(2))
 
     class NoSuper(M.Metric):
@@ -545,3 +545,32 @@ def test_torchmetrics_with_sample_weights_where_update_takes_them():
     plain = torchmetrics.MeanAbsoluteError()
     with pytest.raises(ValueError, match="takes no sample weights"):
         frozen_model(Identity(), weighted_metrics=[plain]).fit(values, values, epochs=1, verbose=0)
+
+
+# -- the state API (found by mutation testing, see tests/README.md) ----------------------------------------------
+def test_sum_keeps_its_name_and_dtype_and_casts_what_it_adds():
+    s = M.Sum(name="total_seen", dtype="int64")
+    assert s.name == "total_seen" and s.total.dtype == torch.int64
+    s.update_state(torch.tensor([1.0, 2.0, 4.0]))
+    assert s.result().item() == 7 and s.result().dtype == torch.int64
+    assert M.Sum().name == "sum" and M.Sum().total.dtype == torch.float64
+
+
+def test_variable_assign_add_casts_to_the_state_dtype():
+    class Counter(M.Metric):
+        def __init__(self):
+            super().__init__(name="counter")
+            self.n = self.add_variable(dtype="int64", name="n")
+
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            self.n.assign_add(torch.tensor(float(len(y_true))))
+
+        def result(self):
+            return self.n.value
+
+    c = Counter()
+    c.update_state(torch.zeros(3), torch.zeros(3))
+    c.n.assign_add(2.0)
+    assert c.result().item() == 5 and c.n.dtype == torch.int64
+    c.n.assign(1.0)
+    assert c.result().item() == 1
