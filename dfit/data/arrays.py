@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .sharding import epoch_rows, num_batches, split_point
-from .structure import flatten, index_rows, map_structure
+from .structure import flatten, index_rows
 
 
 class Batch(NamedTuple):
