@@ -14,8 +14,6 @@ epoch's 512 steps. Target (issue 13): callbacks / none <= 1.02 (no per-step coll
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import tempfile
 import time
@@ -80,27 +78,13 @@ def worker(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--samples", type=int, default=common.N_SAMPLES)
-    p.add_argument("--worlds", default="1,2", help="process counts, comma-separated")
-    p.add_argument("--no-append", action="store_true")
-    p.add_argument("--results", default=str(common.HERE / "RESULTS.md"))
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(args)
+    launched = interleaved.command_line(__file__, __doc__, worker, argv)
+    if launched is None:
         return 0
-    load_before, start = os.getloadavg(), time.perf_counter()
-    results = {}
-    for world in [int(w) for w in args.worlds.split(",")]:
-        results[world] = interleaved.launch(__file__, world, ["--rounds", str(args.rounds), "--samples",
-                                                               str(args.samples)])
+    args, results, (load_before, load_after, elapsed) = launched
     head = interleaved.header(
         "Callbacks (issue 13)", f"SMALL (MLP 64-256-256-10, {args.samples} samples, global batch 64, one epoch "
-        "per round), interleaved rounds in the same processes", load_before, os.getloadavg(),
-        time.perf_counter() - start)
+        "per round), interleaved rounds in the same processes", load_before, load_after, elapsed)
     verdicts = []
     for world, times in results.items():
         ratio = interleaved.statistics.median(interleaved.ratios(times, "callbacks", "none"))

@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import common
 
@@ -116,3 +116,27 @@ def header(title: str, detail: str, load_before: tuple[float, ...], load_after: 
     return (f"### {title}: {datetime.date.today().isoformat()}, {os.cpu_count()} cores, CPU ({info['cpu']}), "
             f"torch {info['torch']}, commit {info['commit']}; {detail}; load average {load_before[0]:.1f} before, "
             f"{load_after[0]:.1f} after; {seconds:.0f} s")
+
+
+def command_line(script: str, description: str, worker: Callable[[Any], None], argv=None):
+    """The shared command line of the interleaved benchmarks: as a worker, run ``worker(args)`` and return None;
+    as the driver, launch the workers for each world size and return ``(args, results, header_parts)`` where
+    ``header_parts`` are the loads and elapsed time ``header`` wants."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--samples", type=int, default=common.N_SAMPLES)
+    p.add_argument("--worlds", default="1,2", help="process counts, comma-separated")
+    p.add_argument("--no-append", action="store_true")
+    p.add_argument("--results", default=str(common.HERE / "RESULTS.md"))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return None
+    load_before, start = os.getloadavg(), time.perf_counter()
+    results = {world: launch(script, world, ["--rounds", str(args.rounds), "--samples", str(args.samples)])
+               for world in [int(w) for w in args.worlds.split(",")]}
+    return args, results, (load_before, os.getloadavg(), time.perf_counter() - start)

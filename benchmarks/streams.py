@@ -18,10 +18,7 @@ Reported: median µs/step and the median over rounds of the per-round ratio to a
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,27 +87,14 @@ def worker(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--samples", type=int, default=common.N_SAMPLES)
-    p.add_argument("--worlds", default="1,2", help="process counts, comma-separated")
-    p.add_argument("--no-append", action="store_true")
-    p.add_argument("--results", default=str(common.HERE / "RESULTS.md"))
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        worker(args)
+    launched = interleaved.command_line(__file__, __doc__, worker, argv)
+    if launched is None:
         return 0
-    load_before, start = os.getloadavg(), time.perf_counter()
-    results = {}
-    for world in [int(w) for w in args.worlds.split(",")]:
-        results[world] = interleaved.launch(__file__, world, ["--rounds", str(args.rounds), "--samples",
-                                                               str(args.samples)])
+    args, results, (load_before, load_after, elapsed) = launched
     head = interleaved.header(
         "Streams (issue 12)", f"SMALL (MLP 64-256-256-10, {args.samples} samples, global batch 64, one epoch per "
         "round), the same data as arrays, a generator of global batches and per_rank; interleaved rounds in the "
-        "same processes", load_before, os.getloadavg(), time.perf_counter() - start)
+        "same processes", load_before, load_after, elapsed)
     summary = []
     for world, times in results.items():
         med = {name: interleaved.statistics.median(interleaved.ratios(times, name, "arrays")) for name in LABELS}

@@ -34,24 +34,29 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"Argument `{name}` must be > 0. Received: {name}={value}")
 
 
-class ExponentialDecay(LearningRateSchedule):
-    """``initial_learning_rate * decay_rate ** (step / decay_steps)``; the exponent floored if ``staircase``."""
+class _RateDecay(LearningRateSchedule):
+    """Keras' decays driven by ``step / decay_steps`` (floored if ``staircase``) and a ``decay_rate``."""
 
     def __init__(self, initial_learning_rate: float, decay_steps: float, decay_rate: float, staircase: bool = False,
-                 name: str = "ExponentialDecay"):
+                 name: str | None = None):
         _positive("decay_steps", decay_steps)
         self.initial_learning_rate, self.decay_steps, self.decay_rate = initial_learning_rate, decay_steps, decay_rate
-        self.staircase, self.name = staircase, name
+        self.staircase, self.name = staircase, name or type(self).__name__
 
-    def __call__(self, step: int) -> float:
+    def _progress(self, step: int) -> float:
         p = float(step) / self.decay_steps
-        if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate * self.decay_rate ** p
+        return math.floor(p) if self.staircase else p
 
     def get_config(self) -> dict[str, Any]:
         return dict(initial_learning_rate=self.initial_learning_rate, decay_steps=self.decay_steps,
                     decay_rate=self.decay_rate, staircase=self.staircase, name=self.name)
+
+
+class ExponentialDecay(_RateDecay):
+    """``initial_learning_rate * decay_rate ** (step / decay_steps)``; the exponent floored if ``staircase``."""
+
+    def __call__(self, step: int) -> float:
+        return self.initial_learning_rate * self.decay_rate ** self._progress(step)
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
@@ -100,24 +105,11 @@ class PolynomialDecay(LearningRateSchedule):
                     end_learning_rate=self.end_learning_rate, power=self.power, cycle=self.cycle, name=self.name)
 
 
-class InverseTimeDecay(LearningRateSchedule):
+class InverseTimeDecay(_RateDecay):
     """``initial_learning_rate / (1 + decay_rate * step / decay_steps)``; the ratio floored if ``staircase``."""
 
-    def __init__(self, initial_learning_rate: float, decay_steps: float, decay_rate: float, staircase: bool = False,
-                 name: str = "InverseTimeDecay"):
-        _positive("decay_steps", decay_steps)
-        self.initial_learning_rate, self.decay_steps, self.decay_rate = initial_learning_rate, decay_steps, decay_rate
-        self.staircase, self.name = staircase, name
-
     def __call__(self, step: int) -> float:
-        p = float(step) / self.decay_steps
-        if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate / (1 + self.decay_rate * p)
-
-    def get_config(self) -> dict[str, Any]:
-        return dict(initial_learning_rate=self.initial_learning_rate, decay_steps=self.decay_steps,
-                    decay_rate=self.decay_rate, staircase=self.staircase, name=self.name)
+        return self.initial_learning_rate / (1 + self.decay_rate * self._progress(step))
 
 
 def _cosine(fraction: float, alpha: float) -> float:
