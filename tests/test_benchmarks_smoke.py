@@ -134,3 +134,24 @@ def test_streams_benchmark_tiny():
                         "dfit.data.per_rank(fn)"):
             assert _num(got[(world, variant)][3]) > 0 and _num(got[(world, variant)][4]) > 0
     assert re.search(r"- 2 process\(es\): generator / arrays = \d+\.\d+, per_rank / arrays = \d+\.\d+", out)
+
+
+def test_resume_benchmark_tiny(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = _run([str(BENCH / "resume.py"), "--rounds", "1", "--samples", "512", "--micro", "0,64",
+                "--micro-batches", "256", "--micro-samples", "512", "--micro-repeats", "1", "--results", str(results)])
+    header, rows = _table(out, "processes")
+    got = _rows_by(rows)
+    assert _num(got[("1", "fit, no callbacks")][4]) == 1.0
+    for variant in ("BackupAndRestore(save_freq=100)", "BackupAndRestore(epoch, handle_signals=False)",
+                    "BackupAndRestore(epoch, handle_signals=True)"):
+        assert _num(got[("1", variant)][3]) > 0 and _num(got[("1", variant)][4]) > 0
+    assert ("2", "fit, no callbacks") not in got   # one process unless --worlds asks for more
+    m_header, m_rows = _table(out, "global batch")
+    assert [(r[0], r[1]) for r in m_rows] == [("256", "whole batch (None)"), ("256", "64")]
+    assert all(_num(r[3]) > 0 and _num(r[5]) > 0 for r in m_rows)
+    assert _num(m_rows[0][4]) == 1.0
+    assert re.search(r"- 1 process\(es\): BackupAndRestore\(save_freq=100\) / none = \d+\.\d+ \(target <= 1.05\)",
+                     out)
+    assert re.search(r"handle_signals armed / not = \d+\.\d+", out)
+    assert "### Resume (issue 14)" in results.read_text()
