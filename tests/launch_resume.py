@@ -5,6 +5,7 @@ save_freq=--save-freq)``. Rank 0 writes {"weights", "history", "world_size", "re
 --kill-rank R --kill-at E:B: rank R SIGKILLs itself after batch B of epoch E, once (--kill-marker PATH).
 --ready PATH: rank 0 creates PATH after global step --ready-step (a test then signals the job).
 --step-sleep S: every rank sleeps S seconds after each step (so a signal lands mid-epoch).
+--started PATH: rank 0 of every start of the job appends "EPOCH:BATCH WORLD_SIZE" of its first step to PATH.
 """
 import argparse
 import json
@@ -30,6 +31,9 @@ class Chaos(dfit.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         a, rank = self.args, dfit.distributed.rank()
         self.step += 1
+        if a.started and rank == 0 and self.step == 1:
+            with open(a.started, "a") as fh:
+                fh.write(f"{self.epoch}:{batch} {dfit.distributed.world_size()}\n")
         if a.kill_at and rank == a.kill_rank and (self.epoch, batch) == tuple(map(int, a.kill_at.split(":"))) \
                 and not os.path.exists(a.kill_marker):
             open(a.kill_marker, "w").close()
@@ -54,6 +58,7 @@ def main():
     p.add_argument("--ready")
     p.add_argument("--ready-step", type=int, default=5)
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--started")
     args = p.parse_args()
     import torch
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, launch_env, run_job
+from conftest import REPO, _kill_job, launch_env, run_job
 from resume_job import relative_difference, train
 
 pytestmark = pytest.mark.timeout(300)
@@ -37,6 +39,35 @@ def _check(out: Path, uninterrupted) -> dict:
     assert relative_difference(weights, uninterrupted[0]) < EXACT
     assert relative_difference(got["history"], uninterrupted[1]) < EXACT
     return got
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+
+
+def _tagged(tag: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries DFIT_TEST_JOB=tag."""
+    needle, found = f"DFIT_TEST_JOB={tag}".encode(), []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0") \
+                    and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def sigkill_run(tmp_path: Path, timeout: float = 200) -> tuple[subprocess.CompletedProcess, Path]:
@@ -86,3 +117,46 @@ def test_sigterm_to_the_job_backs_up_exits_and_resumes(tmp_path, uninterrupted):
                   timeout=200)
     assert res.returncode == 0, res.stderr[-3000:]
     _check(out, uninterrupted)
+
+
+def test_a_lost_node_re_forms_on_the_survivor_and_resumes(tmp_path, uninterrupted):
+    """Two dfit-launch agents on this machine act as two nodes of one elastic job (c10d rendezvous, 1 to 2 nodes).
+    Once a backup exists, the second node is lost (its agent and its worker SIGKILLed); the first agent's worker
+    fails in its next collective, the agent re-forms the job alone (--max-restarts 1), the worker restores the
+    backup on one process and finishes with the uninterrupted run's weights and history."""
+    out, backup, ready, started = (tmp_path / name for name in ("out.json", "backup", "ready", "started"))
+    port, run_id = _free_port(), f"lost-node-{uuid.uuid4().hex[:8]}"
+    node = [*dfit_launch()[:-1], "1", "--nnodes", "1:2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", run_id,
+            "--rdzv-conf", "last_call_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=2",
+            str(SCRIPT), "--out", str(out), "--backup", str(backup), "--save-freq", "2",
+            "--ready", str(ready), "--ready-step", "7", "--step-sleep", "0.3", "--started", str(started)]
+    tags = [f"dfit-job-{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    agents = []
+    try:
+        for tag in tags:   # the first agent hosts the rendezvous store (the second one starts once it listens)
+            agents.append(subprocess.Popen(node, env=launch_env(DFIT_TEST_JOB=tag), cwd=REPO, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True, start_new_session=True))
+            _wait_listening(port, agents[0])
+        deadline = time.time() + 150
+        while not ready.exists():
+            assert all(a.poll() is None for a in agents) and time.time() < deadline, \
+                [a.communicate()[1][-3000:] for a in agents if a.poll() is not None]
+            time.sleep(0.05)
+        assert (backup / "backup.pt").exists(), "no backup before the node was lost"
+        _kill_job(agents[1].pid, tags[1])   # the second node: its agent, its worker
+        _, lost_err = agents[1].communicate(timeout=30)
+        _, err = agents[0].communicate(timeout=200)
+    finally:
+        for agent, tag in zip(agents, tags):
+            _kill_job(agent.pid, tag)
+            agent.wait(timeout=30)
+    assert agents[0].returncode == 0, err[-4000:]
+    got = _check(out, uninterrupted)
+    assert got["world_size"] == 1 and got["restart"] == "1", (got["world_size"], got["restart"])
+    first, again = started.read_text().split("\n")[:2]
+    assert first == "0:0 2", first          # the job started on two nodes
+    position, world = again.split()          # and started again on one, from the backup (not from step 0)
+    assert world == "1" and tuple(map(int, position.split(":"))) >= (1, 1), again
+    assert not (backup / "backup.pt").exists()
+    assert not [pid for tag in tags for pid in _tagged(tag)], "a process of the job is left behind"
