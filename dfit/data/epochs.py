@@ -20,8 +20,8 @@ from .streams import StreamData
 
 
 class EpochIterator:
-    """The epochs of one input: ``epoch(e)`` gives this rank's batches; ``ran_out`` / ``exhausted`` tell the caller
-    what happened (an epoch shorter than ``steps``; a one-shot stream that has no more data)."""
+    """The epochs of one input: ``epoch(e)`` gives this rank's batches; ``ran_out`` tells the caller the epoch was
+    shorter than ``steps``, and ``has_more`` whether another epoch can start (a one-shot stream may be used up)."""
 
     def __init__(self, data: Any, batch_size: int | None, steps: int | None, shuffle: bool = False, seed: int = 0,
                  rank: int = 0, world: int = 1):
@@ -89,7 +89,3 @@ class EpochIterator:
     def ran_out(self) -> bool:
         """The last epoch ended before ``steps`` because the data ran out (Keras warns)."""
         return self.data.ran_out if self.is_stream else self._ran_out
-
-    @property
-    def exhausted(self) -> bool:
-        return self.is_stream and self.data.exhausted

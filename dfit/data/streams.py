@@ -151,7 +151,6 @@ class StreamData:
         self._k = 1
         self._pass_ended = False
         self.ran_out = False      # the last epoch ended before its steps because the data ended
-        self.exhausted = False    # a one-shot stream has no more data: training cannot continue
         self.last_epoch_steps = 0
 
     # -- what the rest of dfit asks of an adapter --------------------------------------------------------------
@@ -368,18 +367,17 @@ class StreamData:
               rank: int, world: int, resume: bool = False) -> Iterator[Batch]:
         """The batches of one epoch. Without ``steps`` an epoch is one pass. With ``steps``, epochs continue through
         a pass, and the epoch that meets its end stops there (``ran_out``); the next epoch starts a new pass —
-        a one-shot iterator has none (``exhausted``: training ends, as Keras). ``resume``: the rest of an epoch
+        a one-shot iterator has none (``has_next`` is False: training ends, as Keras). ``resume``: the rest of an epoch
         after ``seek`` (its pass only; ``steps`` is what is left of it)."""
         self.ran_out, taken = False, 0
         if not resume and not self.has_next(steps, rank, world):
-            self.exhausted = self.ran_out = True
+            self.ran_out = True
             return
         while steps is None or taken < steps:
             if not self._ready:
                 self._agree(None if steps is None else steps - taken, rank, world)
             if not self._ready:          # every rank agrees: the pass is over
                 self.ran_out = steps is not None
-                self.exhausted = self.one_shot
                 break
             item, global_size = self._ready.popleft()
             self._pass_steps += 1
