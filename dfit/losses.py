@@ -457,18 +457,6 @@ def reduction_of(fn: Callable) -> str:
     return loss.reduction if isinstance(loss, Loss) else "sum_over_batch_size"
 
 
-def takes_logits(fn: Callable) -> bool:
-    """Whether predictions are logits for this loss."""
-    loss = getattr(fn, "loss", fn)
-    if isinstance(loss, LossFunctionWrapper):
-        return loss.from_logits
-    if isinstance(fn, _TorchLossModule):
-        return isinstance(fn.module, (nn.BCEWithLogitsLoss, nn.CrossEntropyLoss))
-    if isinstance(fn, from_torch):
-        return getattr(fn.fn, "__name__", "") in ("cross_entropy", "binary_cross_entropy_with_logits")
-    return False
-
-
 def _per_output(spec: Any, names: Sequence[str], what: str, default: Any) -> list[Any]:
     """Spread a single value, a list (by position) or a dict (by output name) over the outputs."""
     if isinstance(spec, Mapping):
