@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import distributed as dist
+from . import optimizers
 
 if TYPE_CHECKING:
     from .model import Model
@@ -132,6 +133,8 @@ def save_model(model: "Model", path: str) -> None:
     if model.compiled:
         plain = {k: v for k, v in args.items() if _jsonable(v) is not _UNSERIALIZABLE or isinstance(v, dict)}
         compile_cfg = {k: v for k, v in plain.items() if k != "loss" or isinstance(v, (str, list, dict))}
+        if compile_cfg.get("optimizer") is None:   # a Keras optimizer object: its class and config
+            compile_cfg["optimizer"] = optimizers.serialize(model.optimizer)
     payload = {
         "format": FORMAT,
         "kind": "Sequential" if isinstance(model, Sequential) else "Model",
@@ -171,7 +174,9 @@ def load_model(path: str, module: nn.Module | None, custom_objects: Mapping[str,
     model.module.load_state_dict(payload["state_dict"])
     cfg = payload.get("compile")
     if compile and cfg and cfg.get("optimizer") and cfg.get("loss") is not None:
-        model.compile(**cfg)
+        optimizer = cfg["optimizer"]
+        model.compile(**{**cfg, "optimizer": optimizers.deserialize(optimizer) if isinstance(optimizer, dict)
+                         else optimizer})
         if payload.get("optimizer_state"):
             model.optimizer.load_state_dict(payload["optimizer_state"])
     return model

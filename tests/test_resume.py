@@ -180,3 +180,107 @@ def test_a_signal_on_one_rank_backs_up_every_rank_at_one_step(tmp_path, uninterr
     weights, history = train(str(tmp_path), 1000)
     assert relative_difference(weights, uninterrupted[0]) < EXACT
     assert relative_difference(history, uninterrupted[1]) < EXACT
+
+
+class _CountingRows(torch.utils.data.IterableDataset):
+    """Rows of (x, y) from a cursor, with its own state (torchdata's Stateful protocol); ``reads`` counts rows read."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.cursor, self.reads = x, y, 0, 0
+
+    def __iter__(self):
+        while self.cursor < len(self.x):
+            k = self.cursor
+            self.cursor += 1
+            self.reads += 1
+            yield self.x[k], self.y[k]
+        self.cursor = 0   # the next pass starts again
+
+    def state_dict(self):
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.cursor = state["cursor"]
+
+
+def _stateful_loader():
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader(_CountingRows(*data()), batch_size=7)
+
+
+def _resume_stateful(backup_dir):
+    loader = _stateful_loader()
+    result = train(backup_dir, 1, x=loader, batch_size=None, validation_split=0.0, steps_per_epoch=3, epochs=5)
+    return result, loader.dataset.reads
+
+
+@pytest.mark.filterwarnings("ignore:.*set_vital")
+def test_a_stateful_stream_resumes_from_its_own_state(tmp_path):
+    """A StatefulDataLoader is put back with load_state_dict: the resumed run reads only the rows after the backup
+    (no fast-forward), and ends as the uninterrupted run, on 1 process and on 2 ranks."""
+    pytest.importorskip("torchdata.stateful_dataloader")
+    kw = dict(batch_size=None, validation_split=0.0, steps_per_epoch=3, epochs=5)
+    reference = _stateful_loader()
+    ref_weights, ref_history = train(None, x=reference, **kw)
+    assert reference.dataset.reads == 60 + 6 * 7   # 9 batches a pass: epochs 0-2 are pass 1, 3-4 half of pass 2
+    for world in (1, 2):
+        folder = str(tmp_path / f"w{world}")
+        assert train(folder, 1, (3, 1), x=_stateful_loader(), **kw) == "stopped"   # last backup: epoch 3, step 0
+        saved = torch.load(os.path.join(folder, "backup.pt"), weights_only=True)["stream"]
+        assert saved["pass_steps"] == 1 and saved["source_state"]["dataset_state"] == {"cursor": 7}
+        results = [_resume_stateful(folder)] if world == 1 else run_ranks(_resume_stateful, 2, folder, timeout=200)
+        for (weights, history), reads in results:
+            # one batch peeked before the backup is read (fit looks at the first item to know the outputs), then the
+            # 5 batches after the backup; fast-forwarding would read the pass's consumed batch again (7 more)
+            assert reads == 7 + 5 * 7
+            assert relative_difference(weights, ref_weights) < EXACT
+            assert relative_difference(history, ref_history) < EXACT
+
+
+def _checkpointed_model():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = dfit.Sequential([nn.Linear(4, 8, dtype=torch.float64), nn.Tanh(), nn.Linear(8, 2, dtype=torch.float64)])
+    schedule = dfit.optimizers.schedules.ExponentialDecay(0.05, decay_steps=3, decay_rate=0.7)
+    model.compile(optimizer=dfit.optimizers.Adam(schedule), loss="mse", metrics=["mae"])
+    return model
+
+
+def _weights(model):
+    return [p.detach().numpy().copy() for p in model.module.parameters()]
+
+
+def _resume_from_checkpoint(path, kw):
+    resumed = dfit.load_model(path)
+    history = resumed.fit(*data(), epochs=5, initial_epoch=2, **kw)
+    return _weights(resumed), history.history, history.epoch
+
+
+@pytest.mark.parametrize("steps", [None, 2])
+def test_initial_epoch_resumes_from_a_model_checkpoint(tmp_path, steps):
+    """Keras' way to resume: ModelCheckpoint saves the model each epoch; a new process loads the file and calls
+    fit(initial_epoch=k). The optimizer's moments and step (hence the schedule) come back from the file, and the
+    shuffle is a function of (seed, epoch), so epochs k.. equal the uninterrupted run's, here on 1 and 2 ranks
+    (with steps_per_epoch=2, epoch 2 is the last third of the first pass)."""
+    x, y = data()
+    kw = dict(batch_size=8, seed=5, verbose=0, validation_split=0.2, steps_per_epoch=steps)
+    reference = _checkpointed_model()
+    ref_history = reference.fit(x, y, epochs=5, **kw).history
+    first = _checkpointed_model()
+    path = str(tmp_path / "ckpt-{epoch:02d}.dfit")
+    first.fit(x, y, epochs=2, callbacks=[dfit.callbacks.ModelCheckpoint(path, monitor="loss")], **kw)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-01.dfit", "ckpt-02.dfit"]
+    saved = str(tmp_path / "ckpt-02.dfit")
+    for weights, history, epochs in [_resume_from_checkpoint(saved, kw)] + run_ranks(
+            _resume_from_checkpoint, 2, saved, kw, timeout=200):
+        assert epochs == [2, 3, 4]
+        assert relative_difference(weights, _weights(reference)) < EXACT
+        assert relative_difference(history, {k: v[2:] for k, v in ref_history.items()}) < EXACT
+    # the weights alone (save_weights_only, as in Keras) lose the optimizer's state: a fresh Adam differs
+    weights_only = _checkpointed_model()
+    weights_only.load_weights(saved)
+    weights_only.fit(x, y, epochs=5, initial_epoch=2, **kw)
+    assert relative_difference(_weights(weights_only), _weights(reference)) > 1e-6

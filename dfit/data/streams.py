@@ -123,10 +123,21 @@ class _Prefetcher:
 class _Item:
     """One converted stream item: tensors, rows, and (default mode) its fingerprint."""
 
-    __slots__ = ("x", "y", "w", "n", "fingerprint", "nbytes")
+    __slots__ = ("x", "y", "w", "n", "fingerprint", "nbytes", "state")
 
-    def __init__(self, x, y, w, n, fingerprint, nbytes):
+    def __init__(self, x, y, w, n, fingerprint, nbytes, state):
         self.x, self.y, self.w, self.n, self.fingerprint, self.nbytes = x, y, w, n, fingerprint, nbytes
+        self.state = state   # the source's state_dict() right after this item (a stateful source), else None
+
+
+def _with_states(iterator: Iterator, source: Any) -> Iterator[tuple[Any, Any]]:
+    """(item, the source's state right after it): the state is taken by whichever thread reads the source."""
+    if source is None:
+        for item in iterator:
+            yield item, None
+    else:
+        for item in iterator:
+            yield item, source.state_dict()
 
 
 class StreamData:
@@ -141,6 +152,10 @@ class StreamData:
         self.prefetch = prefetch   # items read ahead on a background thread (0: read on the training thread)
         self.per_rank = isinstance(source, per_rank)
         self.one_shot = not self.per_rank and iter(source) is source
+        # a source with its own state (torchdata's StatefulDataLoader): a backup keeps it instead of a count
+        self.stateful = not (self.per_rank or self.one_shot) and callable(getattr(source, "state_dict", None)) \
+            and callable(getattr(source, "load_state_dict", None))
+        self._consumed_state: Any = None   # the source's state after the last item given to training
         self.class_weight: dict | None = None
         self._iterator: Iterator | None = None
         self._passes = 0
@@ -187,8 +202,10 @@ class StreamData:
             return False
         self._passes += 1
         self._pass_steps = 0
+        self._consumed_state = None
         self._close_prefetcher()
         iterator = iter(self.source.fn(rank, world)) if self.per_rank else iter(self.source)
+        iterator = _with_states(iterator, self.source if self.stateful else None)
         self._iterator = _Prefetcher(iterator, self.prefetch) if self.prefetch else iterator
         self._pass_ended = False
         return True
@@ -202,20 +219,32 @@ class StreamData:
         self._close_prefetcher()
 
     # -- position (BackupAndRestore) -----------------------------------------------------------------------
-    def position(self) -> dict[str, int]:
-        """The pass (1-based) and the items of it that training consumed; the same on every rank."""
-        return {"passes": self._passes, "pass_steps": self._pass_steps}
+    def position(self) -> dict[str, Any]:
+        """The pass (1-based) and the items of it that training consumed; the same on every rank. A stateful
+        source adds its ``state_dict()`` as it was right after the last consumed item."""
+        position: dict[str, Any] = {"passes": self._passes, "pass_steps": self._pass_steps}
+        if self.stateful and self._pass_steps:
+            position["source_state"] = self._consumed_state
+        return position
 
-    def seek(self, position: dict[str, int], rank: int, world: int) -> None:
-        """Continue after ``position``: open that pass again (a one-shot iterator: the pass it is in) and read and
-        drop its consumed items. Exact when the stream gives the same items again (a deterministic stream);
+    def seek(self, position: dict[str, Any], rank: int, world: int) -> None:
+        """Continue after ``position``. A stateful source is given its saved state back (``load_state_dict``) and
+        reads on from there. Otherwise open that pass again (a one-shot iterator: the pass it is in) and read and
+        drop its consumed items: exact when the stream gives the same items again (a deterministic stream);
         ``per_rank`` streams resume exactly on the same world size only."""
         passes, consumed = int(position["passes"]), int(position["pass_steps"])
         self._buffer.clear()
         self._ready.clear()
         if not self.one_shot:
             self._pushback.clear()
+            self._close_prefetcher()
             self._iterator, self._passes = None, max(0, passes - 1)
+        state = position.get("source_state")
+        if self.stateful and state is not None:
+            self.source.load_state_dict(state)
+            self._open_pass(rank, world)
+            self._passes, self._pass_steps, self._consumed_state = passes, consumed, state
+            return
         if self._iterator is None and not self._open_pass(rank, world):
             return
         self._passes = max(self._passes, passes)
@@ -241,14 +270,15 @@ class StreamData:
             except StopIteration:
                 self._pass_ended = True
                 return None
-        return self._convert(self._pushback[0])
+        return self._convert(*self._pushback[0])
 
-    def _next_raw(self) -> Any:
+    def _next_raw(self) -> tuple[Any, Any]:
+        """The next raw item and the source's state after it (None unless the source is stateful)."""
         if self._pushback:
             return self._pushback.popleft()
         return next(self._iterator)
 
-    def _convert(self, item: Any) -> _Item:
+    def _convert(self, item: Any, state: Any = None) -> _Item:
         """An item as tensors: ``(x, y)``, ``(x, y, sample_weight)`` or ``x`` (a list is read as a tuple, as Keras)."""
         if isinstance(item, list):
             item = tuple(item)
@@ -270,20 +300,20 @@ class StreamData:
             cw = class_weight_tensor(ys, self.class_weight, self.float_dtype)
             ws = cw if ws is None else cw.reshape(cw.shape + (1,) * (ws.dim() - cw.dim())) * ws
         fingerprint = 0.0 if self.per_rank else _fingerprint((xs, ys) if ys is not None else xs)
-        return _Item(xs, ys, ws, n, fingerprint, _nbytes(xs))
+        return _Item(xs, ys, ws, n, fingerprint, _nbytes(xs), state)
 
     def _read_ahead(self, k: int) -> BaseException | None:
         """Fill the buffer to ``k`` items (fewer if the pass ends); return the error that stopped it, if any."""
         while len(self._buffer) < k and not self._pass_ended:
             try:
-                raw = self._next_raw()
+                raw, state = self._next_raw()
             except StopIteration:
                 self._pass_ended = True
                 break
             except Exception as exc:  # noqa: BLE001 - reported on every rank below
                 return exc
             try:
-                self._buffer.append(self._convert(raw))
+                self._buffer.append(self._convert(raw, state))
             except (ValueError, TypeError) as exc:
                 return exc
         return None
@@ -381,6 +411,7 @@ class StreamData:
                 break
             item, global_size = self._ready.popleft()
             self._pass_steps += 1
+            self._consumed_state = item.state
             yield self._batch(item, global_size, rank, world)
             taken += 1
         self.last_epoch_steps = taken

@@ -18,7 +18,7 @@ from . import schedules
 from .base import KerasOptimizer
 from .rules import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, RMSprop
 
-__all__ = ["check", "build", "names", "schedules", "KerasOptimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad",
+__all__ = ["check", "build", "names", "serialize", "deserialize", "schedules", "KerasOptimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad",
            "Adadelta", "Adamax", "Nadam"]
 
 _BY_NAME: dict[str, type[KerasOptimizer]] = {
@@ -70,3 +70,34 @@ def build(identifier: str | torch.optim.Optimizer | Callable, params: Iterable[t
 
 def _same_tensors(a: list[Any], b: list[Any]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def serialize(optimizer: Any) -> dict[str, Any] | None:
+    """A Keras optimizer's class and config as plain data (its schedule too), for ``Model.save``; None for a torch
+    optimizer or a custom schedule, which cannot be rebuilt from data."""
+    if not isinstance(optimizer, KerasOptimizer) or type(optimizer) not in _BY_NAME.values():
+        return None
+    config = dict(optimizer.get_config())
+    rate = config["learning_rate"]
+    if isinstance(rate, schedules.LearningRateSchedule):
+        if type(rate).__name__ not in schedules.__all__:
+            return None
+        config["learning_rate"] = {"class_name": type(rate).__name__, "config": rate.get_config()}
+    elif not isinstance(rate, (int, float)):
+        return None
+    return {"class_name": type(optimizer).__name__, "config": config}
+
+
+def deserialize(entry: dict[str, Any]) -> KerasOptimizer:
+    """The (unbound) optimizer ``serialize`` described."""
+    classes = {cls.__name__: cls for cls in _BY_NAME.values()}
+    if entry.get("class_name") not in classes:
+        raise ValueError(f"Unknown optimizer class {entry.get('class_name')!r}; known: {', '.join(sorted(classes))}")
+    config = dict(entry["config"])
+    rate = config.get("learning_rate")
+    if isinstance(rate, dict):
+        name = rate.get("class_name")
+        if name not in schedules.__all__ or name == "LearningRateSchedule":
+            raise ValueError(f"Unknown learning-rate schedule {name!r}")
+        config["learning_rate"] = getattr(schedules, name).from_config(rate["config"])
+    return classes[entry["class_name"]].from_config(config)
