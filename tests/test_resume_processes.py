@@ -160,3 +160,41 @@ def test_a_lost_node_re_forms_on_the_survivor_and_resumes(tmp_path, uninterrupte
     assert world == "1" and tuple(map(int, position.split(":"))) >= (1, 1), again
     assert not (backup / "backup.pt").exists()
     assert not [pid for tag in tags for pid in _tagged(tag)], "a process of the job is left behind"
+
+
+REQUEUE_FIT = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]   # this machine (see test_launchers)
+
+
+def test_a_requeued_slurm_job_resumes_exactly(slurm, tmp_path, uninterrupted):
+    """slurm/requeue.sbatch, submitted unchanged: mid-epoch every task gets SIGUSR1 (what --signal=USR1@120 sends
+    before the time limit; here from scancel, at a known step), the ranks back up at one agreed step and exit with
+    75, the script requeues the job, and the second run resumes from the backup and ends as the uninterrupted one."""
+    out, backup, ready = tmp_path / "out.json", tmp_path / "backup", tmp_path / "ready"
+    output = tmp_path / "job.out"
+    env = slurm.env()
+    res = subprocess.run(["sbatch", "--parsable", f"--output={output}", *REQUEUE_FIT,
+                          str(REPO / "slurm" / "requeue.sbatch"), str(SCRIPT), "--out", str(out), "--backup",
+                          str(backup), "--save-freq", "1000", "--ready", str(ready), "--ready-step", "3",
+                          "--step-sleep", "0.2"], env=env, cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    deadline = time.time() + 120
+    while not ready.exists():
+        assert time.time() < deadline, output.read_text() if output.exists() else "no output"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
+    deadline = time.time() + 120
+    while "JobState=PENDING" not in (state := subprocess.run(["scontrol", "-o", "show", "job", job], env=env,
+                                                             capture_output=True, text=True).stdout):
+        assert time.time() < deadline and "JobState=RUNNING" in state, state
+        time.sleep(0.2)
+    # Slurm holds a requeued job for a while (Reason=BeginTime, about two minutes); an operator may release it
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+    info = slurm.wait(job, 200, env)
+    log = output.read_text()
+    assert info["state"] == "COMPLETED", (info, log[-3000:])
+    assert "dfit: run 0 of job" in log and "dfit: run 1 of job" in log, log[-3000:]
+    assert "requeueing job" in log and "dfit: preempted; backup written" in log, log[-3000:]
+    got = _check(out, uninterrupted)
+    assert got["world_size"] == 2
+    assert not (backup / "backup.pt").exists()   # the finished run removed its backup
