@@ -367,3 +367,56 @@ def test_a_file_truncated_mid_epoch_is_a_clear_error_not_a_crash(tmp_path):
     os.truncate(tmp_path / "x.npy", 200)
     with pytest.raises(DataFileError, match=r"x\.npy \(x\) was truncated while the job ran: it has 200 bytes"):
         next(batches)
+
+
+SPAWN_SCRIPT = '''
+import json, sys
+import h5py, numpy as np, torch
+from torch import nn
+import dfit
+
+def make():
+    torch.manual_seed(0)
+    m = dfit.Sequential([nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)])
+    m.module.double()
+    m.compile(optimizer=torch.optim.SGD(m.module.parameters(), lr=0.1), loss=nn.CrossEntropyLoss())
+    return m
+
+if __name__ == "__main__":
+    folder = sys.argv[1]
+    x = np.load(folder + "/x.npy", mmap_mode="r")
+    y = np.load(folder + "/y.npy", mmap_mode="r")
+    h5 = h5py.File(folder + "/d.h5", "r")
+    kw = dict(batch_size=16, epochs=2, validation_split=0.25, seed=3, verbose=0)
+    one = make()
+    out = {"memory": one.fit(np.array(x), np.array(y), **kw).history}
+    weights = {"memory": [p.detach().reshape(-1).tolist() for p in one.module.parameters()]}
+    for name, data in (("memmap", x), ("h5py", h5["x"])):
+        par = dfit.multi_gpu_model(make(), gpus=2, start_method="spawn")
+        out[name] = par.fit(data, y, **kw).history
+        weights[name] = [p.detach().reshape(-1).tolist() for p in par.module.parameters()]
+    json.dump({"history": out, "weights": weights}, sys.stdout)
+'''
+
+
+def test_multi_gpu_model_spawn_workers_open_the_same_files(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import launch_env
+
+    write_npy(tmp_path, n=121)
+    write_h5(tmp_path / "d.h5", n=121)
+    script = tmp_path / "spawn_train.py"
+    script.write_text(SPAWN_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path)], env=launch_env(), capture_output=True,
+                         text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    for name in ("memmap", "h5py"):
+        assert list(r["history"][name]) == ["loss", "val_loss"]
+        for key, want in r["history"]["memory"].items():
+            np.testing.assert_allclose(r["history"][name][key], want, rtol=1e-10, err_msg=f"{name} {key}")
+        for a, b in zip(r["weights"][name], r["weights"]["memory"]):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
