@@ -195,9 +195,9 @@ class Model:
 
     def _remember_example(self, adapter: Any) -> None:
         if self._example is None and isinstance(adapter, data_mod.ArrayData):
-            from .data.structure import index_rows
+            from .data.lazy import read_rows
 
-            self._example = index_rows(adapter.x, slice(0, 1))
+            self._example = read_rows(adapter.x, slice(0, 1))
 
     # -- fit -------------------------------------------------------------------------------------------
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 10,
@@ -248,7 +248,7 @@ class Model:
         elif class_weight is not None:
             cw = data_mod.class_weight_tensor(train.y, class_weight, self._float_dtype())
             if train.sample_weight is not None:
-                w = train.sample_weight
+                w = data_mod.materialize(train.sample_weight)
                 cw = cw.reshape(cw.shape + (1,) * (w.dim() - cw.dim())) * w
             train = train.with_weights(cw)
         plan_batch_size = _batch_size(train, batch_size, steps_per_epoch)
@@ -269,8 +269,8 @@ class Model:
         return trainer.run_fit(self, train, val, plan)
 
     def _adapt_validation(self, validation_data: Any, loading: data_mod.LoadOptions | None = None):
-        if isinstance(validation_data, (torch.utils.data.Dataset, torch.utils.data.DataLoader)) \
-                or data_mod.is_stream(validation_data):
+        if isinstance(validation_data, (torch.utils.data.Dataset, torch.utils.data.DataLoader,
+                                        data_mod.Columns)) or data_mod.is_stream(validation_data):
             return self._adapt(validation_data, what="validation_data", loading=loading)
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
             raise ValueError("validation_data must be a tuple (x_val, y_val) or (x_val, y_val, val_sample_weight)")
@@ -322,7 +322,8 @@ class Model:
         data = self._adapt(x, y, sample_weight)
         if class_weight is not None:
             cw = data_mod.class_weight_tensor(data.y, class_weight, self._float_dtype())
-            data = data.with_weights(cw if data.sample_weight is None else cw * data.sample_weight)
+            w = data.sample_weight
+            data = data.with_weights(cw if w is None else cw * data_mod.materialize(w))
         names = _output_names(data.y)
         tracker = self._metric_set(names)
         engine = self._get_engine()

@@ -98,7 +98,14 @@ def _prepare(obj: Any, dtype: torch.dtype, share: bool) -> Any:
     Floating arrays are cast to the model's dtype here (``fit`` would cast them anyway), so the workers do
     not each make their own copy; with ``share`` (spawn/forkserver) arrays are moved to shared memory, one
     copy mapped by every worker. Arrays already right are left untouched: forked workers read them in place.
+    Arrays that live in files (memmaps, file-backed tensors, h5py datasets) become ``data.DiskArray`` leaves, which
+    pickle as where their data lives: every worker opens the same file, nothing is copied.
     """
+    from .data.lazy import in_place
+
+    disk = in_place(obj) if not isinstance(obj, (tuple, list, dict)) else None
+    if disk is not None:
+        return disk
     if hasattr(obj, "to_numpy") and not isinstance(obj, (np.ndarray, torch.Tensor)):  # pandas
         obj = obj.to_numpy()
     if isinstance(obj, np.ndarray):

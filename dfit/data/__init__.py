@@ -13,13 +13,15 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 from .arrays import ArrayData, Batch, to_structure
 from .datasets import DatasetData
 from .epochs import EpochIterator
+from .lazy import Columns, DataFileError, DiskArray, columns, materialize
 from .loading import LoadOptions, check_loading_arguments, loader_settings
 from .streams import StreamData, is_stream, per_rank
 from .weights import class_weight_tensor, sample_weight_tensor
 
 __all__ = ["adapt", "Batch", "ArrayData", "DatasetData", "StreamData", "EpochIterator", "per_rank", "is_stream",
            "LoadOptions", "check_loading_arguments",
-           "class_weight_tensor", "sample_weight_tensor"]
+           "class_weight_tensor", "sample_weight_tensor", "columns", "Columns", "DiskArray", "DataFileError",
+           "materialize"]
 
 
 def _is_map_dataset(x: Any) -> bool:
@@ -36,6 +38,11 @@ def adapt(x: Any, y: Any = None, sample_weight: Any = None, *, float_dtype: torc
     if x is None:
         raise ValueError(f"{what} is required")
     loading = loading or LoadOptions()
+    if isinstance(x, Columns):   # a Hugging Face dataset with its columns named: arrays read in place
+        if y is not None or sample_weight is not None:
+            raise ValueError(f"y and sample_weight must be None when {what} is dfit.data.columns(...): name their "
+                             "columns there (y=..., sample_weight=...)")
+        x, y, sample_weight = x.x, x.y, x.sample_weight
     if isinstance(x, DataLoader) and _is_map_dataset(x.dataset):
         if y is not None or sample_weight is not None:
             raise ValueError("y and sample_weight must be None when x is a DataLoader (its items bring them)")

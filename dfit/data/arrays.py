@@ -6,6 +6,7 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 import torch
 
+from .lazy import check_files, disk_leaves, in_place, read_rows
 from .sharding import epoch_rows, num_batches, split_point
 from .structure import flatten, index_rows
 
@@ -59,6 +60,9 @@ def to_structure(v: Any, name: str, float_dtype: torch.dtype | None) -> Any:
         return [to_structure(item, f"{name}[{i}]", float_dtype) for i, item in enumerate(v)]
     if v is None:
         raise TypeError(f"{name} is None")
+    disk = in_place(v, name)
+    if disk is not None:   # a memmap, a file-backed tensor, an h5py dataset: read in place, a batch at a time
+        return disk.converted(float_dtype)
     if not (_is_leaf_array(v) or isinstance(v, (list, tuple))):
         raise TypeError(
             f"{name}: unsupported type {type(v).__name__}; expected a numpy array, torch tensor, pandas "
@@ -90,6 +94,7 @@ class ArrayData:
     def __init__(self, x: Any, y: Any = None, sample_weight: torch.Tensor | None = None):
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.n = check_lengths({"x": x, "y": y, "sample_weight": sample_weight})
+        self.on_disk = disk_leaves(x, y, sample_weight)   # leaves read in place (lazy.DiskArray)
 
     # -- Keras data semantics ------------------------------------------------------------------------
     def take(self, rows: slice) -> "ArrayData":
@@ -113,13 +118,17 @@ class ArrayData:
 
     def epoch(self, epoch: int, batch_size: int, steps: int | None, shuffle: bool, seed: int,
               rank: int, world: int, start: int = 0) -> Iterator[Batch]:
-        """The batches of one epoch (see ``sharding.epoch_rows`` for how steps map to passes), from step ``start``."""
+        """The batches of one epoch (see ``sharding.epoch_rows`` for how steps map to passes), from step ``start``.
+
+        Data read in place: every rank checks the files' sizes first, and the ranks agree (``lazy.check_files``)."""
+        if self.on_disk:
+            check_files(self.on_disk, rank, world)
         for rows, global_size in epoch_rows(self.n, batch_size, epoch, steps, shuffle, seed, rank, world,
                                             start=start):
             size = rows.stop - rows.start if isinstance(rows, slice) else len(rows)
-            y = None if self.y is None else index_rows(self.y, rows)
-            w = None if self.sample_weight is None else index_rows(self.sample_weight, rows)
-            yield Batch(index_rows(self.x, rows), y, w, size, global_size)
+            y = None if self.y is None else read_rows(self.y, rows)
+            w = None if self.sample_weight is None else read_rows(self.sample_weight, rows)
+            yield Batch(read_rows(self.x, rows), y, w, size, global_size)
 
     def __len__(self) -> int:
         return self.n
