@@ -78,7 +78,7 @@ def perm(positions, n: int, seed: int, pass_index: int):
         raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
     if pos.size and (int(pos.min()) < 0 or int(pos.max()) >= n):
         raise ValueError(f"positions must lie in [0, {n}); got values in [{int(pos.min())}, {int(pos.max())}]")
-    out = pos.astype(np.uint64)                         # a copy: the caller's array is never modified
+    out = pos.reshape(-1).astype(np.uint64)            # a copy: the caller's array is never modified
     bits = (n - 1).bit_length()
     if bits:
         keys = round_keys(seed, pass_index)
@@ -88,5 +88,5 @@ def perm(positions, n: int, seed: int, pass_index: int):
             again = _encipher(out[walking], bits, keys)
             out[walking] = again
             walking = walking[again >= np.uint64(n)]
-    out = out.astype(np.int64)
+    out = out.astype(np.int64).reshape(pos.shape)
     return torch.from_numpy(out) if as_torch else out
