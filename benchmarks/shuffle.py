@@ -9,8 +9,9 @@
 2. Per step: computing a rank's rows of each global batch as ``fit`` does (``sharding.epoch_rows``, shuffled)
    for the SMALL configuration of run.py (global batch 64, 1 and 2 ranks, n = 32768 and n = 1e9), next to a
    hand-written SMALL training step (MLP 64-256-256-10, SGD, cross-entropy, 1 thread) timed in the same rounds.
-3. A whole pass of one rank's indices among 8 replicas at n = 1e7 and 1e8, each case in a fresh process (time and
-   peak RSS growth): torch's ``DistributedSampler`` (``list(iter(sampler))``, what a DataLoader consumes),
+3. A whole pass of one rank's indices among 8 replicas at n = 1e7 and 1e8, each case in a fresh process (time, and
+   growth of the peak RSS with VmHWM reset just before the pass): torch's ``DistributedSampler``
+   (``list(iter(sampler))``, what a DataLoader consumes),
    dfit's former rule (``numpy.random.default_rng([seed, pass]).permutation(n)`` on every rank) and dfit now
    (``epoch_rows`` over the pass at global batch 8192, iterated, not kept).
 """
@@ -29,14 +30,21 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 WHOLE_PASS = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np, torch
+from torch.utils.data import DistributedSampler
+from dfit.data.sharding import epoch_rows
 torch.set_num_threads(1)
 way, n = sys.argv[1], int(float(sys.argv[2]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status_kib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+with open("/proc/self/clear_refs", "w") as f:   # resets the peak (VmHWM) to the current RSS
+    f.write("5")
+before = status_kib("VmRSS")
 t0 = time.perf_counter()
 if way == "DistributedSampler":
-    from torch.utils.data import DistributedSampler
     sampler = DistributedSampler(range(n), num_replicas=8, rank=0, shuffle=True, seed=0)
     sampler.set_epoch(1)
     count = len(list(iter(sampler)))
@@ -44,10 +52,9 @@ elif way == "dfit former":
     order = np.random.default_rng([0, 1]).permutation(n)
     count = len(order[0::8])   # any rank's share: the permutation is built whole either way
 else:
-    from dfit.data.sharding import epoch_rows
     count = sum(len(rows) for rows, _ in epoch_rows(n, 8192, 1, None, True, 0, 0, 8))
 seconds = time.perf_counter() - t0
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = status_kib("VmHWM")
 print(json.dumps({"seconds": seconds, "peak_growth_kib": after - before, "rows": count}))
 """
 
