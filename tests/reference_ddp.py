@@ -3,9 +3,9 @@
 It writes out, by hand, the rules README "What the same result means" documents, and trains the same small
 float64 regression that ``tests/launch_train.py`` trains with dfit:
 
-- ``batch_size`` is the GLOBAL batch. Each epoch draws ``numpy.random.default_rng([seed, epoch])
-  .permutation(n_train)``, the same on every rank; consecutive slices of ``batch_size`` rows of it are the global
-  batches, the last one partial and kept.
+- ``batch_size`` is the GLOBAL batch. Each epoch shuffles by ``shuffled_row(i, n_train, seed, epoch)`` below (the
+  keyed Feistel bijection README documents, written out here one Python int at a time), the same on every rank;
+  consecutive slices of ``batch_size`` positions of it are the global batches, the last one partial and kept.
 - Each global batch of ``size`` rows is split into ``world`` contiguous parts whose sizes differ by at most one,
   the first ``size % world`` ranks taking one row more (a rank may get none and still steps).
 - The loss of a step is ``sum(sample_weight * per-sample mse) / size``. DDP AVERAGES gradients over ranks, so
@@ -63,6 +63,51 @@ def my_part(size: int, world: int, rank: int) -> tuple[int, int]:
     return start, start + small + (1 if rank < extra else 0)
 
 
+def _splitmix64_keys(seed: int, epoch: int, rounds: int = 8) -> list[int]:
+    """The round keys: successive splitmix64 outputs from the state ``(seed mod 2**32) * 2**32 + epoch``."""
+    mask = 2 ** 64 - 1
+    state, keys = (seed % 2 ** 32) * 2 ** 32 + epoch, []
+    for _ in range(rounds):
+        state = (state + 0x9E3779B97F4A7C15) % 2 ** 64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        keys.append(z ^ (z >> 31))
+    return keys
+
+
+def shuffled_row(i: int, n: int, seed: int, epoch: int) -> int:
+    """The row at position ``i`` of the shuffle of ``epoch`` over ``n`` rows.
+
+    ``v`` in [0, 2**bits), 2**bits the smallest power of two >= n, is written as a high part of ``h`` bits and
+    a low part of ``l`` bits (h = bits // 2 to start with). Each of the 8 rounds, with key ``k``, maps
+    (high, low) to (low, high XOR top-h-bits-of(((low XOR k) * M1 mod 2**64, XOR its top 32 bits) * M2 mod 2**64)),
+    then h and l swap; when h = 0 the round flips the one bit by the key's top bit. A result >= n is enciphered
+    again until it is < n (cycle walking)."""
+    bits = (n - 1).bit_length()
+    if bits == 0:
+        return i
+    mask, keys = 2 ** 64 - 1, _splitmix64_keys(seed, epoch)
+    v = i
+    while True:
+        h, l = bits // 2, bits - bits // 2
+        for k in keys:
+            high, low = v >> l, v % 2 ** l
+            if h == 0:
+                v = low ^ (k >> 63)
+            else:
+                z = ((low ^ k) * 0xBF58476D1CE4E5B9) & mask
+                z = ((z ^ (z >> 32)) * 0x94D049BB133111EB) & mask
+                v = low * 2 ** h + (high ^ (z >> (64 - h)))
+            h, l = l, h
+        if v < n:
+            return v
+
+
+def shuffled_order(n: int, seed: int, epoch: int) -> list[int]:
+    return [shuffled_row(i, n, seed, epoch) for i in range(n)]
+
+
 def global_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     """[first, first + size) of each global batch of a pass over n rows; the last partial one kept."""
     return [(first, min(first + batch_size, n)) for first in range(0, n, batch_size)]
@@ -110,7 +155,7 @@ def train(rank: int, world: int) -> dict:
     opt = torch.optim.SGD(net.parameters(), lr=c["learning_rate"], momentum=0.0)
     history: dict[str, list[float]] = {"loss": [], "mae": [], "val_loss": [], "val_mae": []}
     for epoch in range(c["epochs"]):
-        order = torch.from_numpy(np.random.default_rng([c["seed"], epoch]).permutation(n_train))
+        order = torch.tensor(shuffled_order(n_train, c["seed"], epoch), dtype=torch.int64)
         loss_sum = mae_sum = 0.0
         for first, stop in global_batches(n_train, c["batch_size"]):
             size = stop - first

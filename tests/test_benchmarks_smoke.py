@@ -155,3 +155,16 @@ def test_resume_benchmark_tiny(tmp_path):
                      out)
     assert re.search(r"handle_signals armed / not = \d+\.\d+", out)
     assert "### Resume (issue 14)" in results.read_text()
+
+
+def test_shuffle_benchmark_quick():
+    out = _run([str(BENCH / "shuffle.py"), "--quick", "--no-append"])
+    _, setup = _table(out, "n")
+    assert setup[0][0] == "1e9" and all(_num(c) >= 0 for c in setup[0][1:])
+    _, per_step = _table(out, "per step")
+    assert len(per_step) == 5 and per_step[0][2] == "100.00 %"
+    assert all(_num(r[1]) > 0 for r in per_step)
+    whole = out[out.index("| n | way"):]
+    _, passes = _table(whole, "n")
+    assert [r[1] for r in passes] == ["DistributedSampler", "dfit former", "dfit now"]
+    assert all(_num(r[2]) >= 0 for r in passes)

@@ -394,6 +394,7 @@ def test_module_must_be_a_torch_module():
 
 # -- the global-batch arithmetic (dfit.data.sharding), rank by rank in one process ----------------------------------
 from dfit.data import sharding as S  # noqa: E402
+from dfit.data.shuffle import perm  # noqa: E402
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 5, 7, 10, 13])
@@ -415,18 +416,29 @@ def test_num_batches_counts_the_last_partial_batch():
     assert [S.num_batches(n, 3) for n in (0, 1, 3, 4, 9, 10)] == [0, 1, 1, 2, 3, 4]
 
 
-def test_permutation_is_a_function_of_seed_and_pass_only():
-    p = S.permutation(50, 7, 2)
-    assert sorted(p.tolist()) == list(range(50))
-    want = np.random.default_rng([7, 2]).permutation(50)  # the documented stream, written out
-    np.testing.assert_array_equal(p.numpy(), want)
-    assert torch.equal(S.permutation(50, 7, 2), p)
-    assert not torch.equal(S.permutation(50, 7, 3), p)
-    assert not torch.equal(S.permutation(50, 8, 2), p)
-    # the seed is taken modulo 2**32 (negative and large seeds are valid)
-    assert torch.equal(S.permutation(50, 2**32 + 7, 2), p)
-    np.testing.assert_array_equal(S.permutation(20, -1, 0).numpy(),
-                                  np.random.default_rng([2**32 - 1, 0]).permutation(20))
+def _whole_pass(n, seed, pass_index):
+    """The whole shuffle of a pass, for comparison (dfit itself never builds it)."""
+    return perm(torch.arange(n), n, seed, pass_index)
+
+
+def test_shuffled_rows_are_the_pass_permutation_at_this_ranks_positions_only():
+    plan = S.GlobalBatchPlan(10**9, 64, 1, 3, shuffle=True, seed=5, pass_index=2)
+    rows, size = plan.rows(7)
+    lo, hi = 7 * 64 + 22, 7 * 64 + 43                 # 64 rows over 3 ranks: parts of 22, 21, 21
+    assert size == 64 and torch.equal(rows, perm(torch.arange(lo, hi), 10**9, 5, 2))
+    assert rows.dtype == torch.int64 and len(set(rows.tolist())) == 21
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_rows_of_many_steps_equal_rows_of_each_step(world, monkeypatch):
+    monkeypatch.setattr(S, "ROWS_PER_CALL", 7)          # several calls of perm, one cut mid-way through a step
+    for n, steps in [(23, range(0, 5)), (23, range(2, 5)), (20, range(1, 4)), (23, range(4, 5))]:
+        for rank in range(world):
+            plan = S.GlobalBatchPlan(n, 5, rank, world, True, 3, 1)
+            got = list(plan.rows_of(steps))
+            want = [plan.rows(step) for step in steps]
+            assert [size for _, size in got] == [size for _, size in want]
+            assert all(torch.equal(g, w) for (g, _), (w, _) in zip(got, want))
 
 
 def _global_batches(n, batch_size, world, shuffle, seed=3, pass_index=0):
@@ -446,7 +458,7 @@ def _global_batches(n, batch_size, world, shuffle, seed=3, pass_index=0):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_global_batches_are_the_same_on_any_number_of_ranks(world, shuffle):
     n, batch_size = 23, 5  # 4 full batches and one of 3 rows (fewer than some worlds' ranks + 1)
-    order = S.permutation(n, 3, 0).tolist() if shuffle else list(range(n))
+    order = _whole_pass(n, 3, 0).tolist() if shuffle else list(range(n))
     got = _global_batches(n, batch_size, world, shuffle)
     assert [rows for rows, _, _ in got] == [order[i:i + batch_size] for i in range(0, n, batch_size)]
     assert [size for _, size, _ in got] == [5, 5, 5, 5, 3]
@@ -460,7 +472,7 @@ def test_unshuffled_rows_are_slices_and_shuffled_rows_index_tensors():
     assert plan.rows(2) == (slice(9, 10), 2)
     shuffled = S.GlobalBatchPlan(10, 4, 1, 2, shuffle=True, seed=0, pass_index=0)
     rows, size = shuffled.rows(2)
-    assert size == 2 and torch.equal(rows, S.permutation(10, 0, 0)[9:10])
+    assert size == 2 and torch.equal(rows, _whole_pass(10, 0, 0)[9:10])
 
 
 def test_epoch_batches_follow_keras_steps_per_epoch():
@@ -477,7 +489,7 @@ def test_epoch_rows_on_every_rank_make_up_the_global_epoch():
     n, batch_size, steps, seed = 17, 4, 3, 5   # 5 batches a pass: epochs of 3 and 2 batches
     for epoch in range(3):
         pass_index = epoch // 2
-        order = S.permutation(n, seed, pass_index)
+        order = _whole_pass(n, seed, pass_index)
         want_batches = range(0, 3) if epoch % 2 == 0 else range(3, 5)
         per_rank = [list(S.epoch_rows(n, batch_size, epoch, steps, True, seed, r, 2)) for r in range(2)]
         assert [len(p) for p in per_rank] == [len(want_batches)] * 2

@@ -8,11 +8,12 @@ from torch import nn
 import torch.nn.functional as F
 
 import dfit
+from reference_ddp import shuffled_order
 
 
 def reference_fit(x, y, w, epochs, batch_size, lr, seed, validation_split, shuffle):
-    """Keras' fit semantics written out by hand; the shuffle is the documented one:
-    ``numpy.random.default_rng([seed, epoch]).permutation(n_train)``."""
+    """Keras' fit semantics written out by hand; the shuffle is the documented one, written out plainly in
+    ``reference_ddp.shuffled_order(n_train, seed, epoch)`` (no dfit code)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     opt = torch.optim.SGD(net.parameters(), lr=lr)
@@ -22,7 +23,7 @@ def reference_fit(x, y, w, epochs, batch_size, lr, seed, validation_split, shuff
     xv, yv, wv = (torch.from_numpy(a[n_train:]) for a in (x, y, w))
     history = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": []}
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(n_train) if shuffle else np.arange(n_train)
+        order = np.array(shuffled_order(n_train, seed, epoch)) if shuffle else np.arange(n_train)
         loss_sum = correct = 0.0
         for start in range(0, n_train, batch_size):
             idx = torch.from_numpy(order[start:start + batch_size])

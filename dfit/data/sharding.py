@@ -3,6 +3,9 @@
 Data is first cut into GLOBAL batches (from one permutation per pass, the same everywhere), and only
 then is each global batch split into ``world_size`` contiguous parts whose sizes differ by at most one
 (the first ``n % world`` parts get the extra row). The last, partial batch is kept, never padded.
+
+The permutation is never built: a rank computes ``shuffle.perm`` at the positions of its own parts only
+(``first + start .. first + stop`` of each global batch), so a pass costs no setup and O(1) memory.
 """
 from __future__ import annotations
 
@@ -10,6 +13,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
+
+from .shuffle import perm
+
+ROWS_PER_CALL = 1 << 14  # positions computed per call of ``perm`` when a plan walks through many steps
 
 
 def part_bounds(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -23,36 +30,54 @@ def num_batches(n: int, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
-def permutation(n: int, seed: int, pass_index: int) -> torch.Tensor:
-    """The shuffle of pass ``pass_index``: a function of (seed, pass) only, identical on every rank."""
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(pass_index)])
-    return torch.from_numpy(rng.permutation(n))
-
-
 class GlobalBatchPlan:
     """Which rows this rank reads at each global step of a pass over ``n`` rows.
 
-    ``rows(step)`` is a slice (no shuffle: zero-copy views) or an index tensor (shuffle), together with
-    the global batch size that losses are normalised by.
+    ``rows(step)`` is a slice (no shuffle: zero-copy views) or an int64 index tensor (shuffle: the pass's
+    permutation ``shuffle.perm`` at this rank's positions of the global batch), together with the global batch
+    size that losses are normalised by. Nothing is computed per pass; ``rows_of`` computes many steps' rows in
+    a few vectorised calls.
     """
 
     def __init__(self, n: int, batch_size: int, rank: int, world: int,
                  shuffle: bool, seed: int, pass_index: int):
         self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
-        self.order = permutation(n, seed, pass_index) if shuffle else None
+        self.shuffle, self.seed, self.pass_index = shuffle, seed, pass_index
         self.full_steps = n // batch_size
         self._full_part = part_bounds(batch_size, world, rank)
 
-    def rows(self, step: int) -> tuple[slice | torch.Tensor, int]:
+    def positions(self, step: int) -> tuple[int, int, int]:
+        """``(lo, hi, size)``: this rank's positions ``[lo, hi)`` in the pass, and the global batch size."""
         first = step * self.batch_size
         if step < self.full_steps:
             size, (start, stop) = self.batch_size, self._full_part
         else:
             size = self.n - first
             start, stop = part_bounds(size, self.world, self.rank)
-        if self.order is None:
-            return slice(first + start, first + stop), size
-        return self.order[first + start:first + stop], size
+        return first + start, first + stop, size
+
+    def rows(self, step: int) -> tuple[slice | torch.Tensor, int]:
+        lo, hi, size = self.positions(step)
+        if not self.shuffle:
+            return slice(lo, hi), size
+        return perm(torch.arange(lo, hi), self.n, self.seed, self.pass_index), size
+
+    def rows_of(self, steps: range) -> Iterator[tuple[slice | torch.Tensor, int]]:
+        """``rows(step)`` for each of ``steps`` in order; shuffled full steps are computed ``ROWS_PER_CALL``
+        positions at a time (the cost of a call of ``perm`` is mostly fixed below a few thousand rows)."""
+        if not self.shuffle:
+            yield from (self.rows(step) for step in steps)
+            return
+        start, stop = self._full_part
+        per_call = max(1, ROWS_PER_CALL // max(1, stop - start))
+        full = range(steps.start, min(steps.stop, self.full_steps), steps.step) if steps.step == 1 else range(0)
+        for i in range(0, len(full), per_call):
+            chunk = np.asarray(full[i:i + per_call], dtype=np.int64)
+            where = (chunk[:, None] * self.batch_size + np.arange(start, stop, dtype=np.int64)).ravel()
+            rows = torch.from_numpy(perm(where, self.n, self.seed, self.pass_index)).view(len(chunk), stop - start)
+            for k in range(len(chunk)):
+                yield rows[k], self.batch_size
+        yield from (self.rows(step) for step in steps if step not in full)
 
 
 def epoch_batches(per_pass: int, epoch: int, steps: int | None) -> tuple[int, range]:
@@ -85,8 +110,7 @@ def epoch_rows(n: int, batch_size: int, epoch: int, steps: int | None, shuffle: 
     ``n`` rows, so which rows are left out changes from pass to pass)."""
     pass_index, batches = epoch_batches(batches_per_pass(n, batch_size, drop_last), epoch, steps)
     plan = GlobalBatchPlan(n, batch_size, rank, world, shuffle, seed, pass_index)
-    for step in batches[start:]:
-        yield plan.rows(step)
+    yield from plan.rows_of(batches[start:])
 
 
 def batch_size_for(n: int, batch_size: int | None, steps: int | None) -> int:
