@@ -86,7 +86,7 @@ class DatasetData:
         loader = self._loader_for(rank, world)
         sampler: RankBatchSampler = loader.batch_sampler  # type: ignore[assignment]
         sampler.set_epoch(epoch, batch_size, steps, shuffle and self.shuffle, seed)
-        global_sizes = list(sampler.global_sizes)
+        global_sizes = sampler.global_sizes()
         if hasattr(self.dataset, "set_epoch"):  # e.g. augmentation seeded by (item, epoch); before workers start
             self.dataset.set_epoch(epoch)
         loader.generator.manual_seed(int(np.random.default_rng([seed & 0xFFFFFFFF, epoch, rank]).integers(2 ** 62)))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, default_collate
 
-from .sharding import epoch_rows
+from .sharding import batches_per_pass, epoch_batches, epoch_rows
 from .structure import map_structure
 
 # Options of a user's DataLoader that a resharded loader keeps (the sampler, batch_size, shuffle and drop_last are
@@ -141,30 +141,41 @@ class Collate:
 
 
 class RankBatchSampler:
-    """For each step of the current epoch, this rank's row ids of the global batch (``[]`` where it has none).
+    """For each step of the current epoch, this rank's row ids of the global batch (``[]`` where it has none),
+    computed as the loader asks for them (nothing per pass is built).
 
     ``set_epoch`` chooses the epoch before ``iter(loader)``; a persistent loader re-reads it at each new iterator.
     """
 
     def __init__(self, row_ids: range, rank: int, world: int, drop_last: bool):
         self.row_ids, self.rank, self.world, self.drop_last = row_ids, rank, world, drop_last
-        self.steps: list[list[int]] = []
-        self.global_sizes: list[int] = []
+        self._epoch: tuple[int, int, int | None, bool, int] | None = None
 
     def set_epoch(self, epoch: int, batch_size: int, steps: int | None, shuffle: bool, seed: int) -> None:
-        self.steps, self.global_sizes = [], []
-        n, ids = len(self.row_ids), self.row_ids
-        for rows, global_size in epoch_rows(n, batch_size, epoch, steps, shuffle, seed, self.rank, self.world,
-                                            drop_last=self.drop_last):
-            local = range(n)[rows] if isinstance(rows, slice) else rows.tolist()
-            self.steps.append([ids[i] for i in local])
-            self.global_sizes.append(global_size)
+        self._epoch = (epoch, batch_size, steps, shuffle, seed)
+
+    def _rows(self, shuffle: bool) -> Iterator[tuple[slice | Any, int]]:
+        if self._epoch is None:
+            return iter(())
+        epoch, batch_size, steps, _, seed = self._epoch
+        return epoch_rows(len(self.row_ids), batch_size, epoch, steps, shuffle, seed, self.rank, self.world,
+                          drop_last=self.drop_last)
+
+    def global_sizes(self) -> Iterator[int]:
+        """The global batch size of each step of the epoch (arithmetic only: no rows are computed)."""
+        return (size for _, size in self._rows(shuffle=False))
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(list(self.steps))
+        ids, n = self.row_ids, len(self.row_ids)
+        for rows, _ in self._rows(shuffle=bool(self._epoch and self._epoch[3])):
+            local = range(n)[rows] if isinstance(rows, slice) else rows.tolist()
+            yield [ids[i] for i in local]
 
     def __len__(self) -> int:
-        return len(self.steps)
+        if self._epoch is None:
+            return 0
+        epoch, batch_size, steps, _, _ = self._epoch
+        return len(epoch_batches(batches_per_pass(len(self.row_ids), batch_size, self.drop_last), epoch, steps)[1])
 
 
 def name_the_rank(exc: BaseException, rank: int, world: int) -> None:
