@@ -119,11 +119,10 @@ def test_sigterm_to_the_job_backs_up_exits_and_resumes(tmp_path, uninterrupted):
     _check(out, uninterrupted)
 
 
-def test_a_lost_node_re_forms_on_the_survivor_and_resumes(tmp_path, uninterrupted):
-    """Two dfit-launch agents on this machine act as two nodes of one elastic job (c10d rendezvous, 1 to 2 nodes).
-    Once a backup exists, the second node is lost (its agent and its worker SIGKILLed); the first agent's worker
-    fails in its next collective, the agent re-forms the job alone (--max-restarts 1), the worker restores the
-    backup on one process and finishes with the uninterrupted run's weights and history."""
+def _two_node_job(tmp_path: Path, lose: int) -> tuple[list[subprocess.Popen], list[str], list[str]]:
+    """Two dfit-launch agents on this machine acting as two nodes of one elastic job (c10d rendezvous, 1 to 2 nodes,
+    --max-restarts 1); once a backup exists, node ``lose`` (0 hosts the rendezvous store) is lost: its agent and its
+    worker SIGKILLed. Returns the agents, their tags and their stderr."""
     out, backup, ready, started = (tmp_path / name for name in ("out.json", "backup", "ready", "started"))
     port, run_id = _free_port(), f"lost-node-{uuid.uuid4().hex[:8]}"
     node = [*dfit_launch()[:-1], "1", "--nnodes", "1:2", "--max-restarts", "1", "--rdzv-backend", "c10d",
@@ -132,7 +131,7 @@ def test_a_lost_node_re_forms_on_the_survivor_and_resumes(tmp_path, uninterrupte
             str(SCRIPT), "--out", str(out), "--backup", str(backup), "--save-freq", "2",
             "--ready", str(ready), "--ready-step", "7", "--step-sleep", "0.3", "--started", str(started)]
     tags = [f"dfit-job-{uuid.uuid4().hex[:12]}" for _ in range(2)]
-    agents = []
+    agents, errs = [], ["", ""]
     try:
         for tag in tags:   # the first agent hosts the rendezvous store (the second one starts once it listens)
             agents.append(subprocess.Popen(node, env=launch_env(DFIT_TEST_JOB=tag), cwd=REPO, stdout=subprocess.PIPE,
@@ -144,22 +143,45 @@ def test_a_lost_node_re_forms_on_the_survivor_and_resumes(tmp_path, uninterrupte
                 [a.communicate()[1][-3000:] for a in agents if a.poll() is not None]
             time.sleep(0.05)
         assert (backup / "backup.pt").exists(), "no backup before the node was lost"
-        _kill_job(agents[1].pid, tags[1])   # the second node: its agent, its worker
-        _, lost_err = agents[1].communicate(timeout=30)
-        _, err = agents[0].communicate(timeout=200)
+        _kill_job(agents[lose].pid, tags[lose])
+        lost_at = time.time()
+        errs[lose] = agents[lose].communicate(timeout=30)[1]
+        errs[1 - lose] = agents[1 - lose].communicate(timeout=200)[1]
+        print(f"the surviving agent ended {time.time() - lost_at:.1f} s after the node was lost")
     finally:
         for agent, tag in zip(agents, tags):
             _kill_job(agent.pid, tag)
             agent.wait(timeout=30)
-    assert agents[0].returncode == 0, err[-4000:]
-    got = _check(out, uninterrupted)
+    assert not [pid for tag in tags for pid in _tagged(tag)], "a process of the job is left behind"
+    return agents, tags, errs
+
+
+def test_a_lost_node_re_forms_on_the_survivor_and_resumes(tmp_path, uninterrupted):
+    """The second node is lost: the first agent's worker fails in its next collective, the agent re-forms the job
+    alone, the worker restores the backup on one process and finishes with the uninterrupted run's weights and
+    history."""
+    agents, _, errs = _two_node_job(tmp_path, lose=1)
+    assert agents[0].returncode == 0, errs[0][-4000:]
+    got = _check(tmp_path / "out.json", uninterrupted)
     assert got["world_size"] == 1 and got["restart"] == "1", (got["world_size"], got["restart"])
-    first, again = started.read_text().split("\n")[:2]
+    first, again = (tmp_path / "started").read_text().split("\n")[:2]
     assert first == "0:0 2", first          # the job started on two nodes
     position, world = again.split()          # and started again on one, from the backup (not from step 0)
     assert world == "1" and tuple(map(int, position.split(":"))) >= (1, 1), again
-    assert not (backup / "backup.pt").exists()
-    assert not [pid for tag in tags for pid in _tagged(tag)], "a process of the job is left behind"
+    assert not (tmp_path / "backup" / "backup.pt").exists()
+
+
+def test_losing_the_rendezvous_host_ends_the_job_and_a_restart_resumes(tmp_path, uninterrupted):
+    """The node hosting the c10d rendezvous store is lost: the survivor cannot re-form (torch's c10d backend keeps
+    the store on that node), so it must END (non-zero, nothing left behind), not hang; the job started again (as a
+    scheduler's requeue would) resumes from the backup and ends as the uninterrupted run."""
+    agents, _, errs = _two_node_job(tmp_path, lose=0)
+    assert agents[1].returncode != 0, errs[1][-4000:]
+    assert (tmp_path / "backup" / "backup.pt").exists()
+    res = run_job(dfit_launch() + [str(SCRIPT), "--out", str(tmp_path / "out.json"), "--backup",
+                                   str(tmp_path / "backup"), "--save-freq", "2"], timeout=200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _check(tmp_path / "out.json", uninterrupted)["world_size"] == 2
 
 
 REQUEUE_FIT = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]   # this machine (see test_launchers)
