@@ -8,6 +8,7 @@ import pickle
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -252,3 +253,151 @@ def test_killed_while_saving_leaves_a_loadable_checkpoint_and_no_temporary_file(
     assert figures["failures"] == []
     assert figures["loadable"] == figures["whole_and_not_older"] == 4
     assert figures["temp_files_after_next_save"] == figures["other_files_left"] == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-process faults under real launchers (tests/fault_job.py)
+
+JOB = REPO / "tests" / "fault_job.py"
+PY = sys.executable
+
+
+def _launcher(name: str, nproc: int = 2) -> list[str]:
+    if name == "torchrun":
+        return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return [PY, "-m", "dfit.launch", "--nproc-per-node", str(nproc)]
+
+
+def _tagged(tag: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries DFIT_TEST_JOB=tag."""
+    needle = f"DFIT_TEST_JOB={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _listening() -> dict[int, int]:
+    """Listening TCP sockets on this host: inode -> port."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":
+                out[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
+    return out
+
+
+def _ports_of(pids: list[int]) -> set[int]:
+    listening, ports = _listening(), set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and int(target[8:-1]) in listening:
+                    ports.add(listening[int(target[8:-1])])
+        except OSError:
+            continue
+    return ports
+
+
+def _wait(predicate, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("launcher", ["dfit-launch", "torchrun"])
+def test_sigkill_of_the_launcher_ends_its_workers(launcher, tmp_path):
+    from conftest import _kill_job, launch_env
+
+    tag = f"dfit-job-{uuid.uuid4().hex[:12]}"
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = launch_env(DFIT_TEST_JOB=tag)
+    proc = subprocess.Popen(_launcher(launcher) + [str(JOB), "--epochs", "100000", "--step-sleep", "0.005",
+                                                   "--ready-dir", str(ready)],
+                            env=env, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # (workers end silently: PR_SET_PDEATHSIG)
+    try:
+        started = _wait(lambda: len(os.listdir(ready)) == 2 or proc.poll() is not None, timeout=120, step=0.2)
+        assert started and proc.poll() is None, f"the job did not start training: {proc.stderr.read()[-3000:]}"
+        workers = [p for p in _tagged(tag) if p != proc.pid]
+        ports = _ports_of(_tagged(tag))
+        assert len(workers) >= 2 and ports, (workers, ports)
+        proc.kill()
+        killed = time.time()
+        proc.wait()
+        assert _wait(lambda: not _tagged(tag), timeout=10), f"{launcher}: workers left: {_tagged(tag)}"
+        took = time.time() - killed
+        # a killed process shows as a zombie while its other threads still exit: its sockets close a moment later
+        assert _wait(lambda: not ports & set(_listening().values()), timeout=5), \
+            f"{launcher}: ports still listening: {ports & set(_listening().values())}"
+        print(f"\n[launcher SIGKILLed] {launcher}: every worker ended {took:.2f} s later; "
+              f"ports {sorted(ports)} closed")
+    finally:
+        _kill_job(proc.pid, tag)
+
+
+@pytest.mark.timeout(150)
+def test_dfit_launch_leaves_no_folder_in_the_temp_directory(tmp_path):
+    from conftest import launch_env, run_job
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    dead = tmp / f"dfit-launch-logs-{_dead_pid()}-abc"         # left by a SIGKILLed launcher: removed
+    live = tmp / f"dfit-launch-logs-{os.getpid()}-def"         # a launcher still running: kept
+    dead.mkdir()
+    live.mkdir()
+    res = run_job(_launcher("dfit-launch") + [str(JOB), "--epochs", "1"], timeout=120,
+                  env=launch_env(TMPDIR=str(tmp)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    # torchinductor_<user> is torch's compile cache, one per user and shared by every run (not a per-run folder)
+    assert sorted(n for n in os.listdir(tmp) if not n.startswith("torchinductor_")) == [live.name]
+
+
+STALL_TIMEOUT = 5
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("launcher, nproc", [("dfit-launch", 3), ("torchrun", 2)])
+def test_a_stalled_rank_is_named_by_every_rank(launcher, nproc, tmp_path):
+    """Rank 1 sleeps inside a step: the ranks waiting for it time out after DFIT_TIMEOUT and name it; rank 1
+    says it stopped making progress and where; the job ends non-zero with nothing left running."""
+    from conftest import launch_env, run_job
+
+    stamp, report = tmp_path / "stall", tmp_path / "report.log"
+    extra = ["--error-report", str(report)] if launcher == "dfit-launch" else []
+    res = run_job(_launcher(launcher, nproc) + extra + [str(JOB), "--epochs", "3", "--stall-rank", "1",
+                                                        "--stall-seconds", "300", "--stall-stamp", str(stamp)],
+                  timeout=150, env=launch_env(DFIT_TIMEOUT=str(STALL_TIMEOUT)))
+    ended = time.time()
+    assert res.returncode != 0
+    text = res.stdout + res.stderr + (report.read_text() if report.exists() else "")
+    waiting = [r for r in range(nproc) if r != 1]
+    for r in waiting:
+        assert (f"CollectiveTimeout: a collective timed out after {STALL_TIMEOUT} s (DFIT_TIMEOUT) on rank {r}: "
+                f"rank 1 stopped making progress") in text, text[-4000:]
+    assert (f"[rank1]: [dfit] rank 1 stopped making progress: rank {waiting[0]} waited {STALL_TIMEOUT} s "
+            "(DFIT_TIMEOUT) for it in a collective; ending it. Its main thread is at:") in res.stderr \
+        or (f"rank {waiting[-1]} waited {STALL_TIMEOUT} s" in res.stderr), res.stderr[-4000:]
+    assert "time.sleep(self.args.stall_seconds)" in res.stderr  # where the stalled rank was
+    took = ended - float(stamp.read_text())
+    print(f"\n[stalled rank] {launcher} x{nproc}: job ended {took:.2f} s after the stall began "
+          f"(DFIT_TIMEOUT={STALL_TIMEOUT})")
+    assert took < STALL_TIMEOUT + 25  # the target is DFIT_TIMEOUT + 10 s (figures in the closing note)
