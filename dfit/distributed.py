@@ -602,6 +602,10 @@ def explain_timeout(exc: BaseException) -> CollectiveTimeout | None:
     error = CollectiveTimeout(f"a collective timed out after {timeout:g} s (DFIT_TIMEOUT) on rank {me}: "
                               + "; ".join(parts) + f". torch: {first}")
     error.__cause__ = exc
+    out = sys.__stderr__
+    if out is not None:  # at once: a launcher may end this rank when another waiting rank fails first
+        out.write(f"[rank{me}]: [dfit] CollectiveTimeout: {error}\n")
+        out.flush()
     deadline = time.time() + HEARTBEAT_S + 1.0  # the stalled ranks see their flag while the store still runs
     while behind and time.time() < deadline:
         try:
