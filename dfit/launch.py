@@ -27,7 +27,9 @@ from __future__ import annotations
 import logging
 import os
 import runpy
+import shutil
 import sys
+import tempfile
 import traceback
 from typing import Sequence
 
@@ -115,11 +117,32 @@ def _launch(config, entrypoint, cmd_args: list[str], hold_logs: _HeldRecords | N
             logger.propagate = propagate
 
 
+LOG_DIR_PREFIX = "dfit-launch-logs-"
+
+
+def remove_stale_log_dirs() -> None:
+    """Remove the private log folders (``dfit-launch-logs-<pid>-*`` in the temp directory) of launchers that no
+    longer run: a SIGKILLed dfit-launch cannot remove its own."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(LOG_DIR_PREFIX):].split("-", 1)[0]
+        if not (name.startswith(LOG_DIR_PREFIX) and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        except OSError:
+            continue
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Launch the job described by ``argv`` (dfit-launch's command line); returns the exit code."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.run import config_from_args, parse_min_max_nnodes
+    from torch.distributed.run import parse_min_max_nnodes
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -146,6 +169,25 @@ def run(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"dfit-launch: no such script: {args.training_script}\n")
         return 2
 
+    # torch elastic's per-run folder (workers' error files): a private one, removed at the end, unless --log-dir
+    # is given (torch would otherwise leave a torchelastic_* folder in the temp directory after every run).
+    user_log_dir = args.log_dir
+    private_logs = None
+    if user_log_dir is None:
+        remove_stale_log_dirs()
+        private_logs = args.log_dir = tempfile.mkdtemp(prefix=f"{LOG_DIR_PREFIX}{os.getpid()}-")
+    try:
+        return _run(args, argv, nproc, user_log_dir)
+    finally:
+        if private_logs is not None:
+            shutil.rmtree(private_logs, ignore_errors=True)
+
+
+def _run(args, argv: list[str], nproc: int, user_log_dir: str | None) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import config_from_args
+
     config, cmd, cmd_args = config_from_args(args)
     wrapped = not args.no_python and not args.run_path
     brief = wrapped and not args.verbose_errors
@@ -161,7 +203,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         _launch(config, cmd, cmd_args, held)
     except ChildFailedError as err:
         if brief:
-            path = launch_errors.save_report(args.error_report or launch_errors.default_report_path(args.log_dir),
+            path = launch_errors.save_report(args.error_report or launch_errors.default_report_path(user_log_dir),
                                              err, ["dfit-launch", *argv], held.lines)
             report = launch_errors.brief_report(err, path)
         else:
@@ -217,6 +259,9 @@ def _worker(argv: list[str]) -> None:
         argv = argv[1:]
     if not argv:
         raise SystemExit("dfit-launch worker: no script given")
+    from .distributed import watch_parent
+
+    watch_parent()  # dfit-launch SIGKILLed -> its agent is gone -> this worker ends too
     target, script_args = argv[0], argv[1:]
     if options.get("stdout") == "rank0" and os.environ.get("RANK", "0") != "0":
         _silence_stdout()
@@ -236,10 +281,10 @@ def _worker(argv: list[str]) -> None:
     try:
         main()
     except Exception as exc:  # SystemExit and KeyboardInterrupt pass, as under errors.record
-        _record_quietly(exc)
         from . import distributed
 
         distributed.mark_failing()
+        _record_quietly(distributed.explain_timeout(exc) or exc)
         sys.exit(1)  # what an unhandled exception exits with
 
 

@@ -29,7 +29,7 @@ import torch
 
 from .. import distributed as dist
 from ..resume import FORMAT, FitState, Position
-from ..serialization import atomic_save
+from ..serialization import atomic_save, load_file
 from .base import Callback
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: the job was preempted after writing a backup; run it again to continue
@@ -112,7 +112,7 @@ class BackupAndRestore(Callback):
         self._fit = fit
         if not exists:
             return None
-        payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        payload = load_file(self.path)  # checksums checked, no code run
         if not isinstance(payload, dict):
             raise ValueError(f"{self.path} is not a dfit backup (format {FORMAT} expected)")
         fit.check(payload, self.path)
