@@ -186,6 +186,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 def _run(args, argv: list[str], nproc: int, user_log_dir: str | None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
     from torch.distributed.run import config_from_args
 
     config, cmd, cmd_args = config_from_args(args)
@@ -215,6 +216,13 @@ def _run(args, argv: list[str], nproc: int, user_log_dir: str | None) -> int:
     except SignalException as exc:  # the launcher itself was told to stop (scancel, Ctrl-C, kill)
         sys.stderr.write(f"dfit-launch: received {exc.sigval.name}; every rank was ended\n")
         return 128 + int(exc.sigval)
+    except RendezvousConnectionError as exc:   # the node hosting the rendezvous store is gone
+        if not brief:
+            raise
+        sys.stderr.write(f"dfit-launch: lost the rendezvous store at {args.rdzv_endpoint} ({exc}); the node that "
+                         "hosts it is gone, so this node cannot re-form the job and its workers were ended. Start "
+                         "the job again (a BackupAndRestore callback resumes it from its last backup)\n")
+        return 1
     if held is not None and held.lines:  # no failure in the end (e.g. after a restart): nothing is hidden
         sys.stderr.write("\n".join(held.lines) + "\n")
     return 0
