@@ -213,7 +213,9 @@ class Model:
 
     def _check_data(self, train: Any, val: Any) -> int | None:
         """Local checks of in-memory data against the model (before any collective); returns the number of classes
-        of a single-output model (its output width, 2 for one unit), or None when unknown."""
+        of a single-output model trained with a cross-entropy (its output width, 2 for one unit), or None when
+        unknown. The model runs once on two rows of x (eval mode, no gradients) only for such a loss, whose labels
+        are checked against its output width."""
         if not isinstance(train, data_mod.ArrayData):
             return None
         checks.check_finite(train.x, "x")
@@ -223,8 +225,10 @@ class Model:
         if loss is None:   # the model computes its own loss from what it is given
             return None
         names = _output_names(train.y)
-        output = checks.probe(self.module, train.x, train.n, "x")
-        checks.check_outputs(output, train.y, names)
+        output = None
+        if checks.needs_classes(loss, names):   # one forward of 2 rows, only when labels need it
+            output = checks.probe(self.module, train.x, train.n, "x")
+            checks.check_outputs(output, train.y, names)
         checks.check_labels(loss, train.y, output, names)
         if isinstance(val, data_mod.ArrayData):
             checks.check_like_training(val.x, train.x, "validation_data x", "training x")
@@ -388,7 +392,6 @@ class Model:
                                                                                         int(max_queue_size)))
             if isinstance(data, data_mod.ArrayData):
                 checks.check_finite(data.x, "x")
-                checks.probe(self.module, data.x, data.n, "x")
             facts.add("batch_size", batch_size)
             facts.add("steps", steps)
             _data_facts(facts, data, "the")

@@ -15,7 +15,7 @@ from torch import nn
 from .structure import flatten, index_rows, map_structure
 from .sharding import part_bounds
 
-__all__ = ["check_finite", "check_sample_weight", "check_class_weight", "probe", "check_outputs", "check_labels",
+__all__ = ["needs_classes", "check_finite", "check_sample_weight", "check_class_weight", "probe", "check_outputs", "check_labels",
            "check_half_on_cpu", "check_batchnorm_parts", "check_like_training"]
 
 
@@ -133,6 +133,17 @@ def _loss_kind(spec: Any) -> tuple[str | None, Any]:
              losses.binary_crossentropy: "binary_crossentropy",
              losses.categorical_crossentropy: "categorical_crossentropy"}
     return kinds.get(fn), ignore
+
+
+def needs_classes(loss: Any, output_names: list[str]) -> bool:
+    """Whether a compiled loss is a cross-entropy whose labels are checked against the model's output width."""
+    try:
+        from .. import losses
+
+        specs = losses._per_output(loss, output_names, "loss", None)
+    except ValueError:
+        return False
+    return any(_loss_kind(spec)[0] is not None for spec in specs if spec is not None)
 
 
 def _as_list(s: Any, names: list[str]) -> list[Any] | None:
