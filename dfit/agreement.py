@@ -70,13 +70,14 @@ class DataSample:
 
 
 class WeightsSample:
-    """A fingerprint of a module's parameters and buffers (<= 64 strided elements of each)."""
+    """A fingerprint of a module's parameters (<= 64 strided elements of each). Buffers are left out: with
+    ``sync_batchnorm=False`` each rank keeps its own BatchNorm running statistics by design."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
 
     def text(self) -> str:
-        return ";".join(f"{name}={_leaf_text(t)}" for name, t in self.module.state_dict().items())
+        return ";".join(f"{name}={_leaf_text(t)}" for name, t in self.module.named_parameters())
 
 
 def describe(value: Any) -> str:
