@@ -24,10 +24,22 @@ from .callbacks.progbar import is_interactive
 from .engine import PRECISIONS, Engine
 from . import trainer
 from .data import EpochIterator
+from .agreement import DataSample, WeightsSample, agreement
+from .data import checks
 from .data.sharding import batch_size_for
 from .metrics import MetricSet
 
 _NOT_COMPILED = "You must call compile() before fit/evaluate/train_on_batch/test_on_batch"
+
+# What every rank must agree on before the first step (see dfit.agreement), per call.
+_COMPILE_FACTS = ["compile(optimizer)", "compile(loss)", "compile(metrics)", "compile(weighted_metrics)",
+                  "compile(loss_weights)", "compile(other options)"]
+FIT_FACTS = ["batch_size", "epochs", "initial_epoch", "steps_per_epoch", "validation_steps", "validation_batch_size",
+             "validation_split", "validation_freq", "shuffle", "seed", "class_weight", "micro_batch_size",
+             "per_chunk_batchnorm", *_COMPILE_FACTS, "the training rows", "the training data values",
+             "the validation rows", "the validation data values"]
+EVALUATE_FACTS = ["batch_size", "steps", *_COMPILE_FACTS, "the rows", "the data values", "the model weights"]
+PREDICT_FACTS = ["batch_size", "steps", "the rows", "the data values", "the model weights"]
 
 
 def _check_positive_int(value: Any, name: str, allow_none: bool = True) -> None:
@@ -199,6 +211,44 @@ class Model:
 
             self._example = read_rows(adapter.x, slice(0, 1))
 
+    def _check_data(self, train: Any, val: Any) -> int | None:
+        """Local checks of in-memory data against the model (before any collective); returns the number of classes
+        of a single-output model trained with a cross-entropy (its output width, 2 for one unit), or None when
+        unknown. The model runs once on two rows of x (eval mode, no gradients) only for such a loss, whose labels
+        are checked against its output width."""
+        if not isinstance(train, data_mod.ArrayData):
+            return None
+        checks.check_finite(train.x, "x")
+        checks.check_finite(train.y, "y")
+        checks.check_sample_weight(train.sample_weight)
+        loss = self._compile_args.get("loss")
+        if loss is None:   # the model computes its own loss from what it is given
+            return None
+        names = _output_names(train.y)
+        output = None
+        if checks.needs_classes(loss, names):   # one forward of 2 rows, only when labels need it
+            output = checks.probe(self.module, train.x, train.n, "x")
+            checks.check_outputs(output, train.y, names)
+        checks.check_labels(loss, train.y, output, names)
+        if isinstance(val, data_mod.ArrayData):
+            checks.check_like_training(val.x, train.x, "validation_data x", "training x")
+            checks.check_like_training(val.y, train.y, "validation_data y", "training y")
+            checks.check_finite(val.x, "validation_data x")
+            checks.check_finite(val.y, "validation_data y")
+            checks.check_sample_weight(val.sample_weight, "validation sample_weight")
+            checks.check_labels(loss, val.y, output, names, "validation_data y")
+        if isinstance(output, torch.Tensor) and output.dim() >= 2:
+            return max(2, int(output.shape[-1]))
+        return None
+
+    def _compile_facts(self, facts: Any) -> None:
+        args = self._compile_args
+        for key in ("loss", "metrics", "weighted_metrics", "loss_weights"):
+            facts.add(f"compile({key})", args.get(key))
+        facts.add("compile(optimizer)", self.optimizer)
+        facts.add("compile(other options)", {k: args.get(k) for k in (
+            "sample_weight_mode", "jit_compile", "precision", "sync_batchnorm", "find_unused_parameters")})
+
     # -- fit -------------------------------------------------------------------------------------------
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 10,
             verbose: Any = "auto", callbacks: list[Callback] | None = None, view_metrics: Any = "auto",
@@ -214,50 +264,71 @@ class Model:
         the chunks of its part of each global batch); it never changes the result. A BatchNorm layer would see
         chunks instead of the batch, so it is refused unless ``per_chunk_batchnorm=True`` (which changes the
         result)."""
-        if not self.compiled:
-            raise RuntimeError(_NOT_COMPILED)
-        # 1. every check, before any collective -------------------------------------------------------
-        _check_positive_int(batch_size, "batch_size")
-        _check_positive_int(validation_batch_size, "validation_batch_size")
-        _check_positive_int(steps_per_epoch, "steps_per_epoch")
-        _check_positive_int(validation_steps, "validation_steps")
-        _check_positive_int(micro_batch_size, "micro_batch_size")
-        if micro_batch_size is not None and not per_chunk_batchnorm:
-            _refuse_chunked_batchnorm(self.module)
-        for value, name in ((epochs, "epochs"), (initial_epoch, "initial_epoch")):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
-        if not isinstance(validation_split, numbers.Real) or not 0.0 <= validation_split < 1.0:
-            raise ValueError(f"validation_split must be a float in [0, 1); got {validation_split!r}")
-        if not isinstance(shuffle, (bool, np.bool_)):
-            raise TypeError(f"shuffle must be True or False; got {shuffle!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise TypeError(f"seed must be an integer or None; got {seed!r}")
-        data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
-        loading = data_mod.LoadOptions.from_fit(int(workers), int(max_queue_size))
-        verbose = _resolve_verbose(verbose)
-        should_validate = _validate_every(validation_freq)
-        train = self._adapt(x, y, sample_weight, loading=loading)
-        val = None
-        if validation_data is not None:
-            val = self._adapt_validation(validation_data, loading)
-        elif validation_split:
-            train, val = train.split(float(validation_split))
-        if class_weight is not None and isinstance(train, data_mod.StreamData):
-            train = train.with_class_weight(class_weight)   # applied to each batch as it is read
-        elif class_weight is not None:
-            cw = data_mod.class_weight_tensor(train.y, class_weight, self._float_dtype())
-            if train.sample_weight is not None:
-                w = data_mod.materialize(train.sample_weight)
-                cw = cw.reshape(cw.shape + (1,) * (w.dim() - cw.dim())) * w
-            train = train.with_weights(cw)
-        plan_batch_size = _batch_size(train, batch_size, steps_per_epoch)
-        plan_val_batch_size = None if val is None else _batch_size(val, validation_batch_size or batch_size,
-                                                                   validation_steps)
-        if not isinstance(train, data_mod.StreamData):   # (a DataLoader with drop_last may leave none: an error here)
-            train.steps_per_pass(plan_batch_size)
-        if val is not None and not isinstance(val, data_mod.StreamData):
-            val.steps_per_pass(plan_val_batch_size)
+        # 1. every check, before any collective; then one collective: every rank raises, or all agree ---------
+        with agreement("fit", FIT_FACTS) as facts:
+            if not self.compiled:
+                raise RuntimeError(_NOT_COMPILED)
+            _check_positive_int(batch_size, "batch_size")
+            _check_positive_int(validation_batch_size, "validation_batch_size")
+            _check_positive_int(steps_per_epoch, "steps_per_epoch")
+            _check_positive_int(validation_steps, "validation_steps")
+            _check_positive_int(micro_batch_size, "micro_batch_size")
+            if micro_batch_size is not None and not per_chunk_batchnorm:
+                _refuse_chunked_batchnorm(self.module)
+            for value, name in ((epochs, "epochs"), (initial_epoch, "initial_epoch")):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                    raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
+            if not isinstance(validation_split, numbers.Real) or not 0.0 <= validation_split < 1.0:
+                raise ValueError(f"validation_split must be a float in [0, 1); got {validation_split!r}")
+            if not isinstance(shuffle, (bool, np.bool_)):
+                raise TypeError(f"shuffle must be True or False; got {shuffle!r}")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+                raise TypeError(f"seed must be an integer or None; got {seed!r}")
+            data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
+            loading = data_mod.LoadOptions.from_fit(int(workers), int(max_queue_size))
+            verbose = _resolve_verbose(verbose)
+            should_validate = _validate_every(validation_freq)
+            checks.check_half_on_cpu(self.module, dist._choose_backend() == "nccl")
+            train = self._adapt(x, y, sample_weight, loading=loading)
+            val = None
+            if validation_data is not None:
+                val = self._adapt_validation(validation_data, loading)
+            elif validation_split:
+                train, val = train.split(float(validation_split))
+            classes = self._check_data(train, val)
+            checks.check_class_weight(class_weight, classes)
+            if class_weight is not None and isinstance(train, data_mod.StreamData):
+                train = train.with_class_weight(class_weight)   # applied to each batch as it is read
+            elif class_weight is not None:
+                cw = data_mod.class_weight_tensor(train.y, class_weight, self._float_dtype())
+                if train.sample_weight is not None:
+                    w = data_mod.materialize(train.sample_weight)
+                    cw = cw.reshape(cw.shape + (1,) * (w.dim() - cw.dim())) * w
+                train = train.with_weights(cw)
+            plan_batch_size = _batch_size(train, batch_size, steps_per_epoch)
+            plan_val_batch_size = None if val is None else _batch_size(val, validation_batch_size or batch_size,
+                                                                       validation_steps)
+            if not isinstance(train, data_mod.StreamData):   # (a DataLoader with drop_last may leave none: an error here)
+                train.steps_per_pass(plan_batch_size)
+                checks.check_batchnorm_parts(self.module, self.sync_batchnorm, train.n, plan_batch_size,
+                                             dist.world_size())
+            if val is not None and not isinstance(val, data_mod.StreamData):
+                val.steps_per_pass(plan_val_batch_size)
+            for name, value in (("batch_size", batch_size), ("epochs", epochs), ("initial_epoch", initial_epoch),
+                                ("steps_per_epoch", steps_per_epoch), ("validation_steps", validation_steps),
+                                ("validation_batch_size", validation_batch_size),
+                                ("validation_split", validation_split), ("validation_freq", validation_freq),
+                                ("shuffle", bool(shuffle)), ("seed", seed), ("class_weight", class_weight),
+                                ("micro_batch_size", micro_batch_size), ("per_chunk_batchnorm", per_chunk_batchnorm)):
+                facts.add(name, value)
+            self._compile_facts(facts)
+            _data_facts(facts, train, "the training")
+            if val is not None:
+                _data_facts(facts, val, "the validation")
+        if initial_epoch >= epochs and dist.is_chief():
+            warnings.warn(f"fit(initial_epoch={initial_epoch}, epochs={epochs}) trains nothing: epochs is the index of "
+                          "the last epoch, not a number of epochs to add (to train k more epochs pass "
+                          "epochs=initial_epoch + k)", UserWarning, stacklevel=2)
         output_names = _output_names(train.y)
         self._remember_example(train)
         plan = trainer.FitPlan(
@@ -284,14 +355,22 @@ class Model:
         """Loss (and metrics) over all samples of all ranks: a scalar, ``[loss, *metrics]`` or a dict.
 
         ``workers``, ``use_multiprocessing``, ``max_queue_size``: as in ``fit`` (loading a map-style Dataset)."""
-        if not self.compiled:
-            raise RuntimeError(_NOT_COMPILED)
-        _check_positive_int(batch_size, "batch_size")
-        _check_positive_int(steps, "steps")
-        data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
-        verbose = _resolve_verbose(verbose)
-        data = self._adapt(x, y, sample_weight, loading=data_mod.LoadOptions.from_fit(int(workers),
-                                                                                       int(max_queue_size)))
+        with agreement("evaluate", EVALUATE_FACTS) as facts:
+            if not self.compiled:
+                raise RuntimeError(_NOT_COMPILED)
+            _check_positive_int(batch_size, "batch_size")
+            _check_positive_int(steps, "steps")
+            data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
+            verbose = _resolve_verbose(verbose)
+            data = self._adapt(x, y, sample_weight, loading=data_mod.LoadOptions.from_fit(int(workers),
+                                                                                           int(max_queue_size)))
+            self._check_data(data, None)
+            facts.add("batch_size", batch_size)
+            facts.add("steps", steps)
+            self._compile_facts(facts)
+            _data_facts(facts, data, "the")
+            facts.add("the model weights", WeightsSample(self.module),
+                      shown="other weights (load the same weights on every rank, e.g. seed the model's construction)")
         self._remember_example(data)
         logs = trainer.run_evaluate(self, data, _batch_size(data, batch_size, steps), steps, verbose, callbacks,
                                     _output_names(data.y))
@@ -304,11 +383,20 @@ class Model:
 
         ``workers``, ``use_multiprocessing``, ``max_queue_size``: as in ``fit`` (loading a map-style Dataset).
         A user's DataLoader with ``drop_last=True`` leaves out its partial last batch here too."""
-        _check_positive_int(batch_size, "batch_size")
-        _check_positive_int(steps, "steps")
-        data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
-        verbose = _resolve_verbose(verbose)
-        data = self._adapt(x, targets=False, loading=data_mod.LoadOptions.from_fit(int(workers), int(max_queue_size)))
+        with agreement("predict", PREDICT_FACTS) as facts:
+            _check_positive_int(batch_size, "batch_size")
+            _check_positive_int(steps, "steps")
+            data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
+            verbose = _resolve_verbose(verbose)
+            data = self._adapt(x, targets=False, loading=data_mod.LoadOptions.from_fit(int(workers),
+                                                                                        int(max_queue_size)))
+            if isinstance(data, data_mod.ArrayData):
+                checks.check_finite(data.x, "x")
+            facts.add("batch_size", batch_size)
+            facts.add("steps", steps)
+            _data_facts(facts, data, "the")
+            facts.add("the model weights", WeightsSample(self.module),
+                      shown="other weights (load the same weights on every rank, e.g. seed the model's construction)")
         self._remember_example(data)
         return _to_numpy(trainer.run_predict(self, data, _batch_size(data, batch_size, steps), steps, verbose,
                                              callbacks))
@@ -439,6 +527,18 @@ def _refuse_chunked_batchnorm(module: nn.Module) -> None:
             f"micro_batch_size would change what BatchNorm layer(s) {layers} compute (they would normalise each "
             "chunk instead of the batch); leave micro_batch_size=None, or pass per_chunk_batchnorm=True to accept "
             "per-chunk statistics (the result then depends on micro_batch_size)")
+
+
+def _data_facts(facts: Any, data: Any, what: str) -> None:
+    """The data's kind and rows, and for arrays in memory a strided sample of x, y and the weights."""
+    if isinstance(data, data_mod.StreamData):
+        facts.add(f"{what} rows", "a stream", shown="a stream (its batches are compared as they are read)")
+        return
+    n = getattr(data, "n", None)
+    facts.add(f"{what} rows", (type(data).__name__, n), shown=f"{n} rows ({type(data).__name__})")
+    if isinstance(data, data_mod.ArrayData):
+        facts.add(f"{what} data values", DataSample((data.x, data.y, data.sample_weight)),
+                  shown="another sample of values (x, y, sample_weight)")
 
 
 def _keras_result(logs: dict[str, float], return_dict: bool) -> Any:

@@ -348,11 +348,13 @@ class StreamData:
             mine[2 + j], mine[2 + k + j] = item.fingerprint, item.n
         table = dist.all_gather_tensor(mine)
         failed = [r for r in range(world) if table[r, 1] > 0]
-        if failed:
+        if failed:   # the first failing rank's error, raised on every rank (one broadcast, on this rare path)
+            first = failed[0]
+            kind, text = dist.broadcast_object((type(error).__name__, str(error)) if rank == first else None, src=first)
             if error is not None:
                 raise type(error)(f"rank {rank}: {error}") from error
-            raise RuntimeError(f"the stream {self.what} failed on rank(s) {failed} (their error is reported there); "
-                               f"every rank stops")
+            raised = {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)
+            raise raised(f"the stream {self.what} failed on rank(s) {failed}; rank {first}: {text}")
         counts = table[:, 0].long().tolist()
         take = min(counts)
         if self.per_rank:
