@@ -36,11 +36,19 @@ def _leaves(structure: Any, name: str) -> list[tuple[str, torch.Tensor]]:
     return []   # not an in-memory tensor (read lazily): checked as it is read, not here
 
 
+_CHUNK_ELEMENTS = 1 << 24
+
+
 def check_finite(structure: Any, name: str) -> None:
     """No NaN or inf in the float tensors of ``structure`` (one vectorised pass)."""
     for label, t in _leaves(structure, name):
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
-            row = _first_row(~torch.isfinite(t))
+        if not (t.is_floating_point() and t.numel()):
+            continue
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(1, t[0].numel()))   # a bounded temporary, however big t is
+        for first, chunk in zip(range(0, len(t), rows_per_chunk), t.split(rows_per_chunk)):
+            if bool(torch.isfinite(chunk).all()):
+                continue
+            row = first + _first_row(~torch.isfinite(chunk))
             raise ValueError(f"{label} has NaN or inf values (first at row {row}); training on them gives a NaN loss. "
                              "Remove or impute those rows (e.g. np.nan_to_num, or drop them) before fit")
 
