@@ -49,6 +49,12 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
 
 
 def _leaf_text(t: Any) -> str:
+    from .data.lazy import DiskArray
+
+    if isinstance(t, DiskArray):   # data read in place: its content decides, not its path (each node may hold a copy)
+        n = len(t)
+        rows = torch.unique(torch.linspace(0, max(n - 1, 0), min(n, _SAMPLE)).long()) if n else torch.zeros(0).long()
+        t = t.read(rows)           # one batched read of <= 64 rows
     if isinstance(t, torch.Tensor):
         sample = _sample(t)
         digest = hashlib.blake2b(sample.contiguous().view(torch.uint8).numpy().tobytes() if sample.numel() else b"",
