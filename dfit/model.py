@@ -24,23 +24,13 @@ from .callbacks.progbar import is_interactive
 from .engine import PRECISIONS, Engine
 from . import trainer
 from .data import EpochIterator
-from .agreement import DataSample, WeightsSample, agreement
+from . import preflight
+from .agreement import WeightsSample, agreement
 from .data import checks
 from .data.sharding import batch_size_for
 from .metrics import MetricSet
 
 _NOT_COMPILED = "You must call compile() before fit/evaluate/train_on_batch/test_on_batch"
-
-# What every rank must agree on before the first step (see dfit.agreement), per call.
-_COMPILE_FACTS = ["compile(optimizer)", "compile(loss)", "compile(metrics)", "compile(weighted_metrics)",
-                  "compile(loss_weights)", "compile(other options)"]
-FIT_FACTS = ["batch_size", "epochs", "initial_epoch", "steps_per_epoch", "validation_steps", "validation_batch_size",
-             "validation_split", "validation_freq", "shuffle", "seed", "class_weight", "micro_batch_size",
-             "per_chunk_batchnorm", *_COMPILE_FACTS, "the training rows", "the training data values",
-             "the validation rows", "the validation data values"]
-EVALUATE_FACTS = ["batch_size", "steps", *_COMPILE_FACTS, "the rows", "the data values", "the model weights"]
-PREDICT_FACTS = ["batch_size", "steps", "the rows", "the data values", "the model weights"]
-
 
 def _check_positive_int(value: Any, name: str, allow_none: bool = True) -> None:
     if value is None and allow_none:
@@ -55,15 +45,6 @@ def _resolve_verbose(verbose: Any) -> int:
     if verbose not in (0, 1, 2, True, False):
         raise ValueError(f"verbose must be 0, 1, 2 or 'auto'; got {verbose!r}")
     return int(verbose)
-
-
-def _output_names(y: Any) -> list[str]:
-    """Names of the model outputs, read off the targets: dict keys, or output_1..k for a list."""
-    if isinstance(y, dict):
-        return list(y)
-    if isinstance(y, (list, tuple)):
-        return [f"output_{i + 1}" for i in range(len(y))]
-    return ["output"]
 
 
 def _to_numpy(s: Any) -> Any:
@@ -211,44 +192,6 @@ class Model:
 
             self._example = read_rows(adapter.x, slice(0, 1))
 
-    def _check_data(self, train: Any, val: Any) -> int | None:
-        """Local checks of in-memory data against the model (before any collective); returns the number of classes
-        of a single-output model trained with a cross-entropy (its output width, 2 for one unit), or None when
-        unknown. The model runs once on two rows of x (eval mode, no gradients) only for such a loss, whose labels
-        are checked against its output width."""
-        if not isinstance(train, data_mod.ArrayData):
-            return None
-        checks.check_finite(train.x, "x")
-        checks.check_finite(train.y, "y")
-        checks.check_sample_weight(train.sample_weight)
-        loss = self._compile_args.get("loss")
-        if loss is None:   # the model computes its own loss from what it is given
-            return None
-        names = _output_names(train.y)
-        output = None
-        if checks.needs_classes(loss, names):   # one forward of 2 rows, only when labels need it
-            output = checks.probe(self.module, train.x, train.n, "x")
-            checks.check_outputs(output, train.y, names)
-        checks.check_labels(loss, train.y, output, names)
-        if isinstance(val, data_mod.ArrayData):
-            checks.check_like_training(val.x, train.x, "validation_data x", "training x")
-            checks.check_like_training(val.y, train.y, "validation_data y", "training y")
-            checks.check_finite(val.x, "validation_data x")
-            checks.check_finite(val.y, "validation_data y")
-            checks.check_sample_weight(val.sample_weight, "validation sample_weight")
-            checks.check_labels(loss, val.y, output, names, "validation_data y")
-        if isinstance(output, torch.Tensor) and output.dim() >= 2:
-            return max(2, int(output.shape[-1]))
-        return None
-
-    def _compile_facts(self, facts: Any) -> None:
-        args = self._compile_args
-        for key in ("loss", "metrics", "weighted_metrics", "loss_weights"):
-            facts.add(f"compile({key})", args.get(key))
-        facts.add("compile(optimizer)", self.optimizer)
-        facts.add("compile(other options)", {k: args.get(k) for k in (
-            "sample_weight_mode", "jit_compile", "precision", "sync_batchnorm", "find_unused_parameters")})
-
     # -- fit -------------------------------------------------------------------------------------------
     def fit(self, x: Any = None, y: Any = None, batch_size: int | None = None, epochs: int = 10,
             verbose: Any = "auto", callbacks: list[Callback] | None = None, view_metrics: Any = "auto",
@@ -265,7 +208,7 @@ class Model:
         chunks instead of the batch, so it is refused unless ``per_chunk_batchnorm=True`` (which changes the
         result)."""
         # 1. every check, before any collective; then one collective: every rank raises, or all agree ---------
-        with agreement("fit", FIT_FACTS) as facts:
+        with agreement("fit", preflight.FIT_FACTS) as facts:
             if not self.compiled:
                 raise RuntimeError(_NOT_COMPILED)
             _check_positive_int(batch_size, "batch_size")
@@ -295,7 +238,7 @@ class Model:
                 val = self._adapt_validation(validation_data, loading)
             elif validation_split:
                 train, val = train.split(float(validation_split))
-            classes = self._check_data(train, val)
+            classes = preflight.check_data(self, train, val)
             checks.check_class_weight(class_weight, classes)
             if class_weight is not None and isinstance(train, data_mod.StreamData):
                 train = train.with_class_weight(class_weight)   # applied to each batch as it is read
@@ -321,15 +264,15 @@ class Model:
                                 ("shuffle", bool(shuffle)), ("seed", seed), ("class_weight", class_weight),
                                 ("micro_batch_size", micro_batch_size), ("per_chunk_batchnorm", per_chunk_batchnorm)):
                 facts.add(name, value)
-            self._compile_facts(facts)
-            _data_facts(facts, train, "the training")
+            preflight.compile_facts(facts, self)
+            preflight.data_facts(facts, train, "the training")
             if val is not None:
-                _data_facts(facts, val, "the validation")
+                preflight.data_facts(facts, val, "the validation")
         if initial_epoch >= epochs and dist.is_chief():
             warnings.warn(f"fit(initial_epoch={initial_epoch}, epochs={epochs}) trains nothing: epochs is the index of "
                           "the last epoch, not a number of epochs to add (to train k more epochs pass "
                           "epochs=initial_epoch + k)", UserWarning, stacklevel=2)
-        output_names = _output_names(train.y)
+        output_names = preflight.output_names(train.y)
         self._remember_example(train)
         plan = trainer.FitPlan(
             epochs=epochs, initial_epoch=initial_epoch, verbose=verbose, callbacks=list(callbacks or []),
@@ -355,7 +298,7 @@ class Model:
         """Loss (and metrics) over all samples of all ranks: a scalar, ``[loss, *metrics]`` or a dict.
 
         ``workers``, ``use_multiprocessing``, ``max_queue_size``: as in ``fit`` (loading a map-style Dataset)."""
-        with agreement("evaluate", EVALUATE_FACTS) as facts:
+        with agreement("evaluate", preflight.EVALUATE_FACTS) as facts:
             if not self.compiled:
                 raise RuntimeError(_NOT_COMPILED)
             _check_positive_int(batch_size, "batch_size")
@@ -364,16 +307,16 @@ class Model:
             verbose = _resolve_verbose(verbose)
             data = self._adapt(x, y, sample_weight, loading=data_mod.LoadOptions.from_fit(int(workers),
                                                                                            int(max_queue_size)))
-            self._check_data(data, None)
+            preflight.check_data(self, data, None)
             facts.add("batch_size", batch_size)
             facts.add("steps", steps)
-            self._compile_facts(facts)
-            _data_facts(facts, data, "the")
+            preflight.compile_facts(facts, self)
+            preflight.data_facts(facts, data, "the")
             facts.add("the model weights", WeightsSample(self.module),
                       shown="other weights (load the same weights on every rank, e.g. seed the model's construction)")
         self._remember_example(data)
         logs = trainer.run_evaluate(self, data, _batch_size(data, batch_size, steps), steps, verbose, callbacks,
-                                    _output_names(data.y))
+                                    preflight.output_names(data.y))
         return _keras_result(logs, return_dict)
 
     def predict(self, x: Any, batch_size: int | None = None, verbose: Any = 0, steps: int | None = None,
@@ -383,7 +326,7 @@ class Model:
 
         ``workers``, ``use_multiprocessing``, ``max_queue_size``: as in ``fit`` (loading a map-style Dataset).
         A user's DataLoader with ``drop_last=True`` leaves out its partial last batch here too."""
-        with agreement("predict", PREDICT_FACTS) as facts:
+        with agreement("predict", preflight.PREDICT_FACTS) as facts:
             _check_positive_int(batch_size, "batch_size")
             _check_positive_int(steps, "steps")
             data_mod.check_loading_arguments(workers, use_multiprocessing, max_queue_size)
@@ -394,7 +337,7 @@ class Model:
                 checks.check_finite(data.x, "x")
             facts.add("batch_size", batch_size)
             facts.add("steps", steps)
-            _data_facts(facts, data, "the")
+            preflight.data_facts(facts, data, "the")
             facts.add("the model weights", WeightsSample(self.module),
                       shown="other weights (load the same weights on every rank, e.g. seed the model's construction)")
         self._remember_example(data)
@@ -412,7 +355,7 @@ class Model:
             cw = data_mod.class_weight_tensor(data.y, class_weight, self._float_dtype())
             w = data.sample_weight
             data = data.with_weights(cw if w is None else cw * data_mod.materialize(w))
-        names = _output_names(data.y)
+        names = preflight.output_names(data.y)
         tracker = self._metric_set(names)
         engine = self._get_engine()
         batches = data.epoch(0, data.n, None, False, 0, dist.rank(), dist.world_size())
@@ -426,7 +369,7 @@ class Model:
         if not self.compiled:
             raise RuntimeError(_NOT_COMPILED)
         data = self._adapt(x, y, sample_weight)
-        names = _output_names(data.y)
+        names = preflight.output_names(data.y)
         self._get_engine()
         epochs = EpochIterator(data, data.n, None, rank=dist.rank(), world=dist.world_size())
         logs = trainer.run_test(self, epochs, self._metric_set(names), CallbackList([], self, {}), names)
@@ -527,18 +470,6 @@ def _refuse_chunked_batchnorm(module: nn.Module) -> None:
             f"micro_batch_size would change what BatchNorm layer(s) {layers} compute (they would normalise each "
             "chunk instead of the batch); leave micro_batch_size=None, or pass per_chunk_batchnorm=True to accept "
             "per-chunk statistics (the result then depends on micro_batch_size)")
-
-
-def _data_facts(facts: Any, data: Any, what: str) -> None:
-    """The data's kind and rows, and for arrays in memory a strided sample of x, y and the weights."""
-    if isinstance(data, data_mod.StreamData):
-        facts.add(f"{what} rows", "a stream", shown="a stream (its batches are compared as they are read)")
-        return
-    n = getattr(data, "n", None)
-    facts.add(f"{what} rows", (type(data).__name__, n), shown=f"{n} rows ({type(data).__name__})")
-    if isinstance(data, data_mod.ArrayData):
-        facts.add(f"{what} data values", DataSample((data.x, data.y, data.sample_weight)),
-                  shown="another sample of values (x, y, sample_weight)")
 
 
 def _keras_result(logs: dict[str, float], return_dict: bool) -> Any:
