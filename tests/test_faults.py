@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -403,3 +404,50 @@ def test_a_stalled_rank_is_named_by_every_rank(launcher, nproc, tmp_path):
     print(f"\n[stalled rank] {launcher} x{nproc}: job ended {took:.2f} s after the stall began "
           f"(DFIT_TIMEOUT={STALL_TIMEOUT})")
     assert took < STALL_TIMEOUT + 25  # the target is DFIT_TIMEOUT + 10 s (figures in the closing note)
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("fault", ["sigkill-rank-1", "sigterm-launcher"])
+@pytest.mark.parametrize("launcher", ["dfit-launch", "torchrun"])
+def test_a_killed_rank_or_a_terminated_launcher_ends_the_job_leaving_nothing(launcher, fault, tmp_path):
+    """SIGKILL of one rank mid-training, or SIGTERM to the launcher: the launcher exits non-zero, says what
+    happened, and no process of the job or port of its rendezvous is left."""
+    from conftest import _kill_job, launch_env
+
+    tag = f"dfit-job-{uuid.uuid4().hex[:12]}"
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    proc = subprocess.Popen(_launcher(launcher) + [str(JOB), "--epochs", "100000", "--step-sleep", "0.005",
+                                                   "--ready-dir", str(ready)],
+                            env=launch_env(DFIT_TEST_JOB=tag), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        started = _wait(lambda: len(os.listdir(ready)) == 2 or proc.poll() is not None, timeout=120, step=0.2)
+        assert started and proc.poll() is None, f"the job did not start training: {proc.stderr.read()[-3000:]}"
+        ports = _ports_of(_tagged(tag))
+        if fault == "sigkill-rank-1":
+            victim = next(p for p in _tagged(tag) if p != proc.pid and _rank_of(p) == 1)
+            os.kill(victim, signal.SIGKILL)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        hit = time.time()
+        err = proc.communicate(timeout=60)[1]
+        took = time.time() - hit
+        assert proc.returncode != 0, err[-3000:]
+        want = "SIGKILL" if fault == "sigkill-rank-1" else "SIGTERM"
+        assert want in err, err[-3000:]
+        assert _wait(lambda: not _tagged(tag), timeout=10), f"{launcher}: processes left: {_tagged(tag)}"
+        assert _wait(lambda: not ports & set(_listening().values()), timeout=5), \
+            f"{launcher}: ports still listening: {ports & set(_listening().values())}"
+        print(f"\n[{fault}] {launcher}: the launcher exited {proc.returncode} {took:.2f} s later; nothing left")
+    finally:
+        _kill_job(proc.pid, tag)
