@@ -213,6 +213,20 @@ def python_for_workers() -> str:
     return sys.executable
 
 
+def report(title: str, command: str, settings: str, lines: list[str]) -> str:
+    """A results section: a dated title with the command, the machine and ``settings``, then ``lines``."""
+    info = machine_info()
+    return "\n".join([
+        f"## {info['date']} — {title}: {command}".rstrip(),
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}; dfit commit {info['commit']}; "
+        + settings,
+        "",
+        *lines,
+        "",
+    ])
+
+
 def publish(report: str, results: str | Path, append: bool) -> None:
     """Print a report and, unless told not to, append it to the results file."""
     print(report)

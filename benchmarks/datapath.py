@@ -98,17 +98,9 @@ def main(argv=None) -> int:
         for name, ts in times.items():
             t = common.median(ts)
             lines.append(f"| {batch} | {name} | {1 / t:,.0f} | {1e6 * t:,.1f} | {t / base:.1f}x |")
-    info = common.machine_info()
-    report = "\n".join([
-        f"## {info['date']} — data path: python benchmarks/datapath.py {' '.join(argv or sys.argv[1:])}".rstrip(),
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}; dfit commit {info['commit']}; "
-        f"1 thread; X ({args.samples}, 64) float32; median over {args.rounds} interleaved rounds; "
-        f"iteration only (no model).",
-        "",
-        *lines,
-        "",
-    ])
+    report = common.report("data path", f"python benchmarks/datapath.py {' '.join(argv or sys.argv[1:])}",
+                           f"1 thread; X ({args.samples}, 64) float32; median over {args.rounds} interleaved "
+                           "rounds; iteration only (no model).", lines)
     common.publish(report, args.results, append=not args.no_append)
     return 0
 

@@ -170,16 +170,9 @@ def main(argv=None) -> int:
                 lines.append(f"| {n:.0e} | {way} | failed: {got['error']} | — |")
             else:
                 lines.append(f"| {n:.0e} | {way} | {got['seconds']:.2f} | {got['peak_growth_kib'] / 1024:,.1f} |")
-    info = common.machine_info()
-    report = "\n".join([
-        f"## {info['date']} — shuffle: python benchmarks/shuffle.py {' '.join(argv or sys.argv[1:])}".rstrip(),
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}; dfit commit {info['commit']}; "
-        f"1 thread; {args.rounds} interleaved rounds of {args.steps} steps for the per-step table.",
-        "",
-        *lines,
-        "",
-    ])
+    report = common.report("shuffle", f"python benchmarks/shuffle.py {' '.join(argv or sys.argv[1:])}",
+                           f"1 thread; {args.rounds} interleaved rounds of {args.steps} steps for the per-step "
+                           "table.", lines)
     common.publish(report, args.results, append=not args.no_append)
     return 0
 
