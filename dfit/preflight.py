@@ -14,6 +14,7 @@ import torch
 from . import data as data_mod
 from .agreement import DataSample, Facts
 from .data import checks
+from .engine import PRECISIONS
 
 if TYPE_CHECKING:
     from .model import Model
@@ -55,7 +56,7 @@ def check_data(model: "Model", train: Any, val: Any) -> int | None:
     names = output_names(train.y)
     output = None
     if checks.needs_classes(loss, names):   # one forward of 2 rows, only when labels need it
-        output = checks.probe(model.module, train.x, train.n, "x")
+        output = checks.probe(model.module, train.x, train.n, "x", PRECISIONS[model.precision])
         checks.check_outputs(output, train.y, names)
     checks.check_labels(loss, train.y, output, names)
     if isinstance(val, data_mod.ArrayData):

@@ -87,9 +87,10 @@ def _shapes(structure: Any) -> str:
     return str(shapes[0]) if len(shapes) == 1 else str(shapes)
 
 
-def probe(module: nn.Module, x: Any, n: int, name: str) -> Any:
+def probe(module: nn.Module, x: Any, n: int, name: str, autocast_dtype: torch.dtype | None = None) -> Any:
     """The module's output for the first rows of ``x`` (two, so a squeeze keeps the batch axis), computed in eval
-    mode without gradients; every submodule's train/eval mode is restored. A failure is a clear ValueError."""
+    mode without gradients, under the autocast training uses (``autocast_dtype``); every submodule's train/eval
+    mode is restored. A failure is a clear ValueError."""
     from ..engine import call_module
 
     if not all(isinstance(t, torch.Tensor) for t in flatten(x)):
@@ -101,7 +102,8 @@ def probe(module: nn.Module, x: Any, n: int, name: str) -> Any:
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        with torch.no_grad():
+        device = param.device.type if param is not None else "cpu"
+        with torch.no_grad(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             return call_module(module, rows)
     except Exception as exc:  # noqa: BLE001 - named and raised again as a ValueError
         raise ValueError(f"the model cannot be called on the first rows of {name} (shape {_shapes(rows)}): "
