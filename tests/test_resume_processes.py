@@ -210,7 +210,7 @@ def test_a_requeued_slurm_job_resumes_exactly(slurm, tmp_path, uninterrupted):
     deadline = time.time() + 120
     while "JobState=PENDING" not in (state := subprocess.run(["scontrol", "-o", "show", "job", job], env=env,
                                                              capture_output=True, text=True).stdout):
-        assert time.time() < deadline and "JobState=RUNNING" in state, state
+        assert time.time() < deadline and any(f"JobState={k}" in state for k in ("RUNNING", "COMPLETING")), state
         time.sleep(0.2)
     # Slurm holds a requeued job for a while (Reason=BeginTime, about two minutes); an operator may release it
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
