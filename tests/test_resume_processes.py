@@ -213,7 +213,8 @@ def test_a_requeued_slurm_job_resumes_exactly(slurm, tmp_path, uninterrupted):
         assert time.time() < deadline and any(f"JobState={k}" in state for k in ("RUNNING", "COMPLETING")), state
         time.sleep(0.2)
     # Slurm holds a requeued job for a while (Reason=BeginTime, about two minutes); an operator may release it
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True, timeout=30)
+    # sooner, but not at once: a start in the same second as the requeue finds the job's credential still revoked
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=env, check=True, timeout=30)
     info = slurm.wait(job, 200, env)
     log = output.read_text()
     assert info["state"] == "COMPLETED", (info, log[-3000:])
