@@ -22,7 +22,7 @@ from . import batchnorm, unused
 from . import distributed as dist
 from .callbacks.base import CallbackList, LazyLogs
 from .data import Batch
-from .data.structure import concat_rows, index_rows, map_structure
+from .data.structure import concat_rows, flatten, index_rows, map_structure
 from .losses import CompiledLoss, global_batch_decisions
 from .metrics import MetricSet
 from .trainer import agree_to_stop
@@ -161,9 +161,20 @@ class Engine:
         return seed
 
     # -- the loops -------------------------------------------------------------------------------------
+    def _call(self, module: torch.nn.Module, x: Any) -> Any:
+        """The module on this rank's rows; an error from inside it says which rank and what shapes it was given."""
+        try:
+            return call_module(module, x)
+        except (RuntimeError, TypeError, ValueError) as exc:   # e.g. "mat1 and mat2 shapes cannot be multiplied"
+            shapes = [tuple(t.shape) for t in flatten(x)]
+            exc.add_note(f"[dfit] raised while the model ran on rank {self.rank}'s rows of a batch of x "
+                         f"(shape{'s' if len(shapes) > 1 else ''} {', '.join(map(str, shapes))}): check that x has the "
+                         "shape and dtype the model expects")
+            raise
+
     def _forward(self, module: torch.nn.Module, batch: Batch, output_names: list[str], loss_fn: CompiledLoss):
         """Forward pass and this rank's loss of the global batch."""
-        output = call_module(module, batch.x)
+        output = self._call(module, batch.x)
         if loss_fn.from_model:  # the module computed its own loss (compile(loss=None))
             return [], [], loss_fn(output, batch.size, batch.global_size, self.world)
         y_pred = as_outputs(output, output_names, "the model output")
@@ -269,7 +280,7 @@ class Engine:
                 if wants_batches:
                     callbacks.batch_begin("predict", step)
                 with self.autocast():
-                    out = call_module(module, batch.x)
+                    out = self._call(module, batch.x)
                 chunks.append(_to_cpu(out))
                 if wants_batches:
                     callbacks.batch_end("predict", step, {"outputs": out})

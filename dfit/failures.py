@@ -268,7 +268,8 @@ def explain_timeout(exc: BaseException) -> CollectiveTimeout | None:
     if out is not None:  # at once: a launcher may end this rank when another waiting rank fails first
         out.write(f"[rank{me}]: [dfit] CollectiveTimeout: {error}\n")
         out.flush()
-    deadline = time.time() + heartbeat_interval(world) + 1.0  # the stalled ranks see their flag while the store still runs
+    # the stalled ranks see their flag while the store still runs
+    deadline = time.time() + heartbeat_interval(world) + 1.0
     while behind and time.time() < deadline:
         try:
             if all(store.check([f"ack/{r}"]) for r in behind):

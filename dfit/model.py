@@ -251,7 +251,8 @@ class Model:
             plan_batch_size = _batch_size(train, batch_size, steps_per_epoch)
             plan_val_batch_size = None if val is None else _batch_size(val, validation_batch_size or batch_size,
                                                                        validation_steps)
-            if not isinstance(train, data_mod.StreamData):   # (a DataLoader with drop_last may leave none: an error here)
+            # (a DataLoader with drop_last may leave no batch: an error here)
+            if not isinstance(train, data_mod.StreamData):
                 train.steps_per_pass(plan_batch_size)
                 checks.check_batchnorm_parts(self.module, self.sync_batchnorm, train.n, plan_batch_size,
                                              dist.world_size())

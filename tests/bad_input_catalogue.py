@@ -162,13 +162,15 @@ MISTAKES = {
                               ValueError, r"validation_data x.*\(5,\).*training x.*\(4,\)"),
     "validation_y_width": (lambda r: _fit(_reg(), _x(), _yr(), validation_data=(_x(8), np.ones((8, 2)))),
                            ValueError, r"validation_data y.*\(2,\).*training y.*\(1,\)"),
-    # torch's own message, raised on every rank at the first step (the model is run ahead only for cross-entropies)
+    # torch's own message with dfit's note (rank, shapes), raised on every rank at the first step (the model is run
+    # ahead only for cross-entropies)
     "x_width_for_model": (lambda r: _fit(_reg(), _x(width=5), _yr()), RuntimeError,
-                          r"mat1 and mat2 shapes cannot be multiplied \(4x5 and 4x1\)"),
+                          r"mat1 and mat2 shapes cannot be multiplied \(4x5 and 4x1\)(.|\n)*"
+                          r"rank \d's rows of a batch of x \(shape \(4, 5\)\): check that x has the shape"),
     "x_width_for_classifier": (lambda r: _fit(_clf(), _x(width=5), _labels()), ValueError,
                                r"model cannot be called on the first rows of x \(shape \(2, 5\)\).*shape and dtype"),
     "predict_width": (lambda r: _reg().predict(_x(width=6), verbose=0), RuntimeError,
-                      r"mat1 and mat2 shapes cannot be multiplied \(16x6 and 4x1\)"),
+                      r"mat1 and mat2 shapes cannot be multiplied \(16x6 and 4x1\)(.|\n)*check that x has the shape"),
     "class_weight_string_keys": (lambda r: _fit(_clf(), _x(), _labels(), class_weight={"a": 1.0}), TypeError,
                                  r"class_weight keys must be integer class ids.*'a'"),
     "class_weight_float_keys": (lambda r: _fit(_clf(), _x(), _labels(), class_weight={0.5: 1.0}), TypeError,
@@ -338,7 +340,7 @@ def try_one(name: str, rank: int) -> tuple[str, str | None, str]:
             warnings.simplefilter("ignore")
             call(rank)
     except Exception as exc:  # noqa: BLE001 - what we measure
-        return name, type(exc).__name__, str(exc)
+        return name, type(exc).__name__, "\n".join([str(exc), *getattr(exc, "__notes__", [])])
     return name, None, "SILENT: returned normally"
 
 

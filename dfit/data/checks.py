@@ -15,8 +15,8 @@ from torch import nn
 from .structure import flatten, index_rows, map_structure
 from .sharding import part_bounds
 
-__all__ = ["needs_classes", "check_finite", "check_sample_weight", "check_class_weight", "probe", "check_outputs", "check_labels",
-           "check_half_on_cpu", "check_batchnorm_parts", "check_like_training"]
+__all__ = ["needs_classes", "check_finite", "check_sample_weight", "check_class_weight", "probe", "check_outputs",
+           "check_labels", "check_half_on_cpu", "check_batchnorm_parts", "check_like_training"]
 
 
 def _first_row(bad: torch.Tensor) -> int:
@@ -191,7 +191,8 @@ def check_labels(loss: Any, y: Any, output: Any, output_names: list[str], what: 
             bad = (yt < 0) | (yt > 1)
             if bool(bad.any()):
                 row = _first_row(bad)
-                raise ValueError(f"binary_crossentropy needs labels in [0, 1]; {label} has {yt.reshape(len(yt), -1)[row].tolist()} "
+                values = yt.reshape(len(yt), -1)[row].tolist()
+                raise ValueError(f"binary_crossentropy needs labels in [0, 1]; {label} has {values} "
                                  f"at row {row}. For more than two classes use a softmax output of one unit per "
                                  "class with sparse_categorical_crossentropy")
         elif kind == "categorical_crossentropy" and classes > 1 and (yt.dim() < out.dim() or yt.shape[-1] != classes):

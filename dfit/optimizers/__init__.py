@@ -18,8 +18,8 @@ from . import schedules
 from .base import KerasOptimizer
 from .rules import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Nadam, RMSprop
 
-__all__ = ["check", "build", "names", "serialize", "deserialize", "schedules", "KerasOptimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad",
-           "Adadelta", "Adamax", "Nadam"]
+__all__ = ["check", "build", "names", "serialize", "deserialize", "schedules", "KerasOptimizer", "SGD", "Adam",
+           "AdamW", "RMSprop", "Adagrad", "Adadelta", "Adamax", "Nadam"]
 
 _BY_NAME: dict[str, type[KerasOptimizer]] = {
     "sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad, "adadelta": Adadelta,
