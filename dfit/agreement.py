@@ -179,7 +179,12 @@ def agreement(call: str, names: Sequence[str]) -> Iterator[Facts]:
         return
     dist.init()
     rank, k = dist.rank(), len(facts.names)
-    hashes = facts.hashes() if error is None else [0] * k
+    hashes = [0] * k
+    if error is None:
+        try:   # describing a fact reads data (a sample of a file read in place): it may fail on this rank only
+            hashes = facts.hashes()
+        except Exception as exc:  # noqa: BLE001 - raised again below, on every rank
+            error = exc
     vector = torch.tensor(hashes + [-h for h in hashes] + [rank if error is not None else world], dtype=torch.int64)
     reduced = dist._all_reduce(vector, torch.distributed.ReduceOp.MIN).tolist()
     failed = reduced[-1]
