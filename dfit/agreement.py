@@ -53,7 +53,8 @@ def _leaf_text(t: Any) -> str:
 
     if isinstance(t, DiskArray):   # data read in place: its content decides, not its path (each node may hold a copy)
         n = len(t)
-        rows = torch.unique(torch.linspace(0, max(n - 1, 0), min(n, _SAMPLE)).long()) if n else torch.zeros(0).long()
+        m = min(n, _SAMPLE)   # evenly spaced row ids in integer arithmetic (a float32 linspace rounds past n - 1)
+        rows = torch.unique(torch.arange(m, dtype=torch.int64) * max(n - 1, 0) // max(m - 1, 1))
         t = t.read(rows)           # one batched read of <= 64 rows
     if isinstance(t, torch.Tensor):
         sample = _sample(t)

@@ -33,6 +33,12 @@ if TYPE_CHECKING:
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note`` (Python >= 3.11); on 3.10 the note is left out rather than hiding the error."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
 def call_module(module: torch.nn.Module, x: Any) -> Any:
     """Positional inputs for a list/tuple, keyword inputs for a dict, else one argument."""
     if isinstance(x, dict):
@@ -167,7 +173,7 @@ class Engine:
             return call_module(module, x)
         except (RuntimeError, TypeError, ValueError) as exc:   # e.g. "mat1 and mat2 shapes cannot be multiplied"
             shapes = [tuple(t.shape) for t in flatten(x)]
-            exc.add_note(f"[dfit] raised while the model ran on rank {self.rank}'s rows of a batch of x "
+            _add_note(exc, f"[dfit] raised while the model ran on rank {self.rank}'s rows of a batch of x "
                          f"(shape{'s' if len(shapes) > 1 else ''} {', '.join(map(str, shapes))}): check that x has the "
                          "shape and dtype the model expects")
             raise

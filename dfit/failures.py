@@ -209,10 +209,20 @@ def _end_stalled_rank(info: LaunchInfo, why: str, main: threading.Thread, store:
     os._exit(1)
 
 
+# How a collective's timeout reads: gloo "Timed out waiting 600000ms for recv operation", NCCL's watchdog "collective
+# operation timeout", a store "Socket Timeout" / "wait timeout". Only errors of torch.distributed count (a
+# DataLoader's "timed out after 5 seconds" is not a collective's).
+_TIMEOUT_SIGNS = ("timed out waiting", "collective operation timeout", "socket timeout", "wait timeout")
+
+
 def _looks_like_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, CollectiveTimeout):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
     text = str(exc).lower()
-    return isinstance(exc, CollectiveTimeout) or (
-        isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text))
+    from_c10d = isinstance(exc, getattr(dist, "DistError", ())) or any(k in text for k in ("gloo", "nccl", "c10d"))
+    return from_c10d and any(sign in text for sign in _TIMEOUT_SIGNS)
 
 
 def explain_timeout(exc: BaseException) -> CollectiveTimeout | None:

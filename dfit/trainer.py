@@ -67,6 +67,8 @@ def run_fit(model: "Model", train: Any, val: Any, plan: FitPlan) -> History:
     if seed is None and backup is None:
         seed = dist.broadcast_object(int(np.random.SeedSequence().entropy % (2 ** 31)))
     epochs = EpochIterator(train, plan.batch_size, plan.steps_per_epoch, plan.shuffle, seed or 0, rank, world)
+    if backup is not None:
+        epochs.track_position()
     val_epochs = None if val is None else EpochIterator(val, plan.val_batch_size, plan.validation_steps, False, 0,
                                                         rank, world)
     train_metrics = model._metric_set(plan.output_names)

@@ -73,6 +73,12 @@ class EpochIterator:
         """Where a stream is (for a backup); None for data of known length (seed, epoch and step say it all)."""
         return self.data.position() if self.is_stream else None
 
+    def track_position(self) -> None:
+        """A backup may save this input's position: a stateful stream then keeps a copy of its source's state with
+        each item it reads (only then: ``state_dict()`` is not free)."""
+        if self.is_stream:
+            self.data.track_state = True
+
     def seek(self, position: dict[str, int] | None) -> None:
         """Put a stream back at ``position()``'s output (its consumed items are read again and dropped)."""
         if self.is_stream and position is not None:

@@ -17,6 +17,7 @@ import copy
 import mmap
 import os
 import sys
+import time
 from typing import Any, Iterable
 
 import numpy as np
@@ -27,6 +28,10 @@ from .structure import flatten, map_structure
 
 __all__ = ["DiskArray", "DataFileError", "Columns", "columns", "in_place", "check_files", "read_rows",
            "materialize"]
+
+
+FILES_CHECKED_EVERY_READ = 8   # a leaf of up to this many files has their sizes checked before every read
+READ_CHECK_S = 1.0             # else at most once every this many seconds
 
 
 class DataFileError(OSError):
@@ -87,9 +92,7 @@ class DiskArray:
     # -- reading -----------------------------------------------------------------------------------------
     def read(self, rows: slice | torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (a range, or row ids relative to this view) as a tensor, in one batched read."""
-        problem = self.problem()
-        if problem is not None:
-            raise DataFileError(problem)
+        self._check_now()
         if isinstance(rows, slice):
             a, b, step = rows.indices(len(self))
             if step != 1:
@@ -132,6 +135,21 @@ class DiskArray:
     def files(self) -> list[tuple[str, int]]:
         """(path, bytes the data needs it to have) of every file the rows are read from."""
         return []
+
+    def _check_now(self) -> None:
+        """``problem()`` before a read: a truncated memmap read would end the process with SIGBUS. A leaf of many
+        files (an Arrow dataset's shards) is checked at most once every ``READ_CHECK_S`` seconds: a stat per file
+        is a metadata round trip on a network file system, and each epoch start checks every file anyway."""
+        now = time.monotonic()
+        many = self.__dict__.get("_file_count")
+        if many is None:
+            many = self._file_count = len(self.files())
+        if many > FILES_CHECKED_EVERY_READ and now - self.__dict__.get("_checked_at", -READ_CHECK_S) < READ_CHECK_S:
+            return
+        problem = self.problem()
+        if problem is not None:
+            raise DataFileError(problem)
+        self._checked_at = now
 
     def problem(self) -> str | None:
         """Why the files cannot be read as they were when the job started, or None."""

@@ -189,4 +189,5 @@ def name_the_rank(exc: BaseException, rank: int, world: int) -> None:
             exc.args = (where + message,)
         if where.strip() in str(exc):
             return
-    exc.add_note(where.strip())
+    if hasattr(exc, "add_note"):   # Python >= 3.11
+        exc.add_note(where.strip())

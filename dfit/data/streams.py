@@ -14,6 +14,7 @@ one rank stops every rank with a clear error, and a stream that differs between 
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import os
 import queue
@@ -130,14 +131,6 @@ class _Item:
         self.state = state   # the source's state_dict() right after this item (a stateful source), else None
 
 
-def _with_states(iterator: Iterator, source: Any) -> Iterator[tuple[Any, Any]]:
-    """(item, the source's state right after it): the state is taken by whichever thread reads the source."""
-    if source is None:
-        for item in iterator:
-            yield item, None
-    else:
-        for item in iterator:
-            yield item, source.state_dict()
 
 
 class StreamData:
@@ -156,6 +149,7 @@ class StreamData:
         self.stateful = not (self.per_rank or self.one_shot) and callable(getattr(source, "state_dict", None)) \
             and callable(getattr(source, "load_state_dict", None))
         self._consumed_state: Any = None   # the source's state after the last item given to training
+        self.track_state = False           # set by fit when a BackupAndRestore may save the position
         self.class_weight: dict | None = None
         self._iterator: Iterator | None = None
         self._passes = 0
@@ -205,10 +199,16 @@ class StreamData:
         self._consumed_state = None
         self._close_prefetcher()
         iterator = iter(self.source.fn(rank, world)) if self.per_rank else iter(self.source)
-        iterator = _with_states(iterator, self.source if self.stateful else None)
+        iterator = self._with_states(iterator)
         self._iterator = _Prefetcher(iterator, self.prefetch) if self.prefetch else iterator
         self._pass_ended = False
         return True
+
+    def _with_states(self, iterator: Iterator) -> Iterator[tuple[Any, Any]]:
+        """(item, a copy of the source's state right after it, while ``track_state``; else None). The state is taken
+        by whichever thread reads the source."""
+        for item in iterator:
+            yield item, (copy.deepcopy(self.source.state_dict()) if self.stateful and self.track_state else None)
 
     def _close_prefetcher(self) -> None:
         if isinstance(self._iterator, _Prefetcher):
@@ -223,7 +223,7 @@ class StreamData:
         """The pass (1-based) and the items of it that training consumed; the same on every rank. A stateful
         source adds its ``state_dict()`` as it was right after the last consumed item."""
         position: dict[str, Any] = {"passes": self._passes, "pass_steps": self._pass_steps}
-        if self.stateful and self._pass_steps:
+        if self.stateful and self._pass_steps and self._consumed_state is not None:
             position["source_state"] = self._consumed_state
         return position
 
