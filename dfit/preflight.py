@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import data as data_mod
+from . import distributed as dist
 from .agreement import DataSample, Facts
 from .data import checks
 from .engine import PRECISIONS
@@ -43,8 +44,8 @@ PREDICT_FACTS = ["batch_size", "steps", "the rows", "the data values", "the mode
 def check_data(model: "Model", train: Any, val: Any) -> int | None:
     """Local checks of in-memory data against the model (before any collective); returns the number of classes
     of a single-output model trained with a cross-entropy (its output width, 2 for one unit), or None when
-    unknown. The model runs once on two rows of x (eval mode, no gradients) only for such a loss, whose labels
-    are checked against its output width."""
+    unknown. The model runs once on two rows of x (eval mode, no gradients, on its training device and autocast)
+    only for such a loss, whose labels are checked against its output width."""
     if not isinstance(train, data_mod.ArrayData):
         return None
     checks.check_finite(train.x, "x")
@@ -56,6 +57,9 @@ def check_data(model: "Model", train: Any, val: Any) -> int | None:
     names = output_names(train.y)
     output = None
     if checks.needs_classes(loss, names):   # one forward of 2 rows, only when labels need it
+        # where and as training runs it: on this rank's device (the engine puts the module there too) and under
+        # the training autocast (joining the job here is safe: every rank joins it at the agreement anyway)
+        model.module.to(dist.device())
         output = checks.probe(model.module, train.x, train.n, "x", PRECISIONS[model.precision])
         checks.check_outputs(output, train.y, names)
     checks.check_labels(loss, train.y, output, names)
