@@ -186,6 +186,13 @@ def test_losing_the_rendezvous_host_ends_the_job_and_a_restart_resumes(tmp_path,
     assert _check(tmp_path / "out.json", uninterrupted)["world_size"] == 2
 
 
+def _slurm_log(slurm, job: str) -> str:
+    """slurmctld's lines about ``job`` (for a failure message)."""
+    log = Path(slurm.conf).parent / "slurmctld.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return "\n".join(line for line in lines if f"JobId={job}" in line or f"job {job}" in line)[-3000:]
+
+
 REQUEUE_FIT = ["--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1"]   # this machine (see test_launchers)
 
 
@@ -210,7 +217,8 @@ def test_a_requeued_slurm_job_resumes_exactly(slurm, tmp_path, uninterrupted):
     deadline = time.time() + 120
     while "JobState=PENDING" not in (state := subprocess.run(["scontrol", "-o", "show", "job", job], env=env,
                                                              capture_output=True, text=True).stdout):
-        assert time.time() < deadline and any(f"JobState={k}" in state for k in ("RUNNING", "COMPLETING")), state
+        assert time.time() < deadline and any(f"JobState={k}" in state for k in ("RUNNING", "COMPLETING")), \
+            (state, output.read_text()[-2000:], _slurm_log(slurm, job))
         time.sleep(0.2)
     # Slurm holds a requeued job for a while (Reason=BeginTime, about two minutes); an operator may release it
     # sooner, but not at once: a start in the same second as the requeue finds the job's credential still revoked

@@ -96,7 +96,7 @@ class BackupAndRestore(Callback):
         self.path = os.path.join(self.backup_dir, BACKUP_FILE)
         self._fit: FitState | None = None
         self._epoch = 0
-        self._signalled = False
+        self._signalled = self._leaving = False
         self._previous_handlers: dict[int, Any] = {}
         self._pending_check: tuple[Any, torch.Tensor] | None = None
 
@@ -136,7 +136,7 @@ class BackupAndRestore(Callback):
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
-        self._signalled = False
+        self._signalled = self._leaving = False
         if self.handle_signals:
             self._install_handlers()
 
@@ -159,6 +159,7 @@ class BackupAndRestore(Callback):
             if dist.is_chief():
                 print(f"dfit: preempted; backup written to {self.path} at epoch {self._epoch + 1}, step {batch + 1}; "
                       f"exiting with code {EXIT_PREEMPTED}", file=sys.stderr, flush=True)
+            self._leaving = True
             raise SystemExit(EXIT_PREEMPTED)
 
     def on_epoch_end(self, epoch, logs=None):
@@ -183,8 +184,11 @@ class BackupAndRestore(Callback):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _restore_handlers(self) -> None:
+        """Put the previous handlers back; a rank leaving after a preemption backup ignores the signals instead:
+        when the first rank exits, ``srun --kill-on-bad-exit`` or a launcher SIGTERMs the others, and a rank still
+        tearing down would then end by the signal (143) instead of with ``EXIT_PREEMPTED``, and not be requeued."""
         for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self._leaving else handler)
         self._previous_handlers = {}
 
     def _preempted(self, global_step: int) -> bool:
