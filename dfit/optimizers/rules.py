@@ -60,7 +60,7 @@ class Adam(KerasOptimizer):
                  epsilon: float = 1e-7, amsgrad: bool = False, weight_decay: float | None = None,
                  clipnorm: float | None = None, clipvalue: float | None = None,
                  global_clipnorm: float | None = None, name: str | None = None):
-        super().__init__(learning_rate, _adam_hyper(beta_1, beta_2, epsilon, amsgrad),
+        super().__init__(learning_rate, _adam_hyper(beta_1, beta_2, epsilon, amsgrad=bool(amsgrad)),
                          **_common(weight_decay, clipnorm, clipvalue, global_clipnorm, name))
 
     def _slots(self, group):
@@ -86,9 +86,10 @@ class Adam(KerasOptimizer):
         torch._foreach_addcdiv_(params, m, denom, value=-float(alpha))
 
 
-def _adam_hyper(beta_1, beta_2, epsilon, amsgrad) -> dict[str, Any]:
+def _adam_hyper(beta_1, beta_2, epsilon, **more: Any) -> dict[str, Any]:
+    """The checked moment settings of the Adam family (Adam, AdamW, Adamax, Nadam), plus ``more``."""
     return dict(beta_1=_number("beta_1", beta_1, 0.0, 1.0), beta_2=_number("beta_2", beta_2, 0.0, 1.0),
-                epsilon=_number("epsilon", epsilon), amsgrad=bool(amsgrad))
+                epsilon=_number("epsilon", epsilon), **more)
 
 
 class AdamW(Adam):
@@ -198,9 +199,8 @@ class Adamax(KerasOptimizer):
     def __init__(self, learning_rate: LearningRate = 0.001, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-7, weight_decay: float | None = None, clipnorm: float | None = None,
                  clipvalue: float | None = None, global_clipnorm: float | None = None, name: str | None = None):
-        hyper = dict(beta_1=_number("beta_1", beta_1, 0.0, 1.0), beta_2=_number("beta_2", beta_2, 0.0, 1.0),
-                     epsilon=_number("epsilon", epsilon))
-        super().__init__(learning_rate, hyper, **_common(weight_decay, clipnorm, clipvalue, global_clipnorm, name))
+        super().__init__(learning_rate, _adam_hyper(beta_1, beta_2, epsilon),
+                         **_common(weight_decay, clipnorm, clipvalue, global_clipnorm, name))
 
     def _slots(self, group):
         return {"m": 0.0, "u": 0.0}
@@ -224,9 +224,8 @@ class Nadam(KerasOptimizer):
     def __init__(self, learning_rate: LearningRate = 0.001, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-7, weight_decay: float | None = None, clipnorm: float | None = None,
                  clipvalue: float | None = None, global_clipnorm: float | None = None, name: str | None = None):
-        hyper = dict(beta_1=_number("beta_1", beta_1, 0.0, 1.0), beta_2=_number("beta_2", beta_2, 0.0, 1.0),
-                     epsilon=_number("epsilon", epsilon))
-        super().__init__(learning_rate, hyper, **_common(weight_decay, clipnorm, clipvalue, global_clipnorm, name))
+        super().__init__(learning_rate, _adam_hyper(beta_1, beta_2, epsilon),
+                         **_common(weight_decay, clipnorm, clipvalue, global_clipnorm, name))
         self._u_product = 1.0
 
     def _extra_state(self) -> dict[str, Any]:
