@@ -97,6 +97,49 @@ def pids_with(token: str) -> list[int]:
     return found
 
 
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries DFIT_TEST_JOB=tag (``run_job`` and ``launch_env``
+    tag a job this way; torch elastic's workers inherit it)."""
+    needle, found = f"DFIT_TEST_JOB={tag}".encode(), []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0") \
+                    and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def listening_sockets() -> dict[int, int]:
+    """Listening TCP sockets on this host: inode -> port."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A":
+                out[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
+    return out
+
+
+def ports_of(pids: list[int]) -> set[int]:
+    """The TCP ports the processes ``pids`` listen on."""
+    listening, ports = listening_sockets(), set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and int(target[8:-1]) in listening:
+                    ports.add(listening[int(target[8:-1])])
+        except OSError:
+            continue
+    return ports
+
+
 def wait_no_process(token: str, timeout: float = 10.0) -> list[int]:
     """Wait until no process carries ``token``; returns the ones still alive at the timeout."""
     deadline = time.time() + timeout

@@ -2,7 +2,6 @@
 launcher, a stalled rank. Each multi-process test has a timeout and its own free ports."""
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import signal
@@ -21,9 +20,9 @@ from torch import nn
 import dfit
 from dfit import serialization
 from dfit.serialization import CheckpointError
+from conftest import REPO, _kill_job, launch_env, listening_sockets, ports_of, run_job, tagged_pids
 from core_helpers import F64
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -269,50 +268,6 @@ def _launcher(name: str, nproc: int = 2) -> list[str]:
     return [PY, "-m", "dfit.launch", "--nproc-per-node", str(nproc)]
 
 
-def _tagged(tag: str) -> list[int]:
-    """Live processes (not zombies) whose environment carries DFIT_TEST_JOB=tag."""
-    needle = f"DFIT_TEST_JOB={tag}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if state != "Z" and needle in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
-def _listening() -> dict[int, int]:
-    """Listening TCP sockets on this host: inode -> port."""
-    out = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A":
-                out[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
-    return out
-
-
-def _ports_of(pids: list[int]) -> set[int]:
-    listening, ports = _listening(), set()
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:[") and int(target[8:-1]) in listening:
-                    ports.add(listening[int(target[8:-1])])
-        except OSError:
-            continue
-    return ports
-
-
 def _wait(predicate, timeout: float, step: float = 0.05) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -325,7 +280,6 @@ def _wait(predicate, timeout: float, step: float = 0.05) -> bool:
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("launcher", ["dfit-launch", "torchrun"])
 def test_sigkill_of_the_launcher_ends_its_workers(launcher, tmp_path):
-    from conftest import _kill_job, launch_env
 
     tag = f"dfit-job-{uuid.uuid4().hex[:12]}"
     ready = tmp_path / "ready"
@@ -338,17 +292,17 @@ def test_sigkill_of_the_launcher_ends_its_workers(launcher, tmp_path):
     try:
         started = _wait(lambda: len(os.listdir(ready)) == 2 or proc.poll() is not None, timeout=120, step=0.2)
         assert started and proc.poll() is None, f"the job did not start training: {proc.stderr.read()[-3000:]}"
-        workers = [p for p in _tagged(tag) if p != proc.pid]
-        ports = _ports_of(_tagged(tag))
+        workers = [p for p in tagged_pids(tag) if p != proc.pid]
+        ports = ports_of(tagged_pids(tag))
         assert len(workers) >= 2 and ports, (workers, ports)
         proc.kill()
         killed = time.time()
         proc.wait()
-        assert _wait(lambda: not _tagged(tag), timeout=10), f"{launcher}: workers left: {_tagged(tag)}"
+        assert _wait(lambda: not tagged_pids(tag), timeout=10), f"{launcher}: workers left: {tagged_pids(tag)}"
         took = time.time() - killed
         # a killed process shows as a zombie while its other threads still exit: its sockets close a moment later
-        assert _wait(lambda: not ports & set(_listening().values()), timeout=5), \
-            f"{launcher}: ports still listening: {ports & set(_listening().values())}"
+        assert _wait(lambda: not ports & set(listening_sockets().values()), timeout=5), \
+            f"{launcher}: ports still listening: {ports & set(listening_sockets().values())}"
         print(f"\n[launcher SIGKILLed] {launcher}: every worker ended {took:.2f} s later; "
               f"ports {sorted(ports)} closed")
     finally:
@@ -357,7 +311,6 @@ def test_sigkill_of_the_launcher_ends_its_workers(launcher, tmp_path):
 
 @pytest.mark.timeout(150)
 def test_dfit_launch_leaves_no_folder_in_the_temp_directory(tmp_path):
-    from conftest import launch_env, run_job
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -380,7 +333,6 @@ STALL_TIMEOUT = 5
 def test_a_stalled_rank_is_named_by_every_rank(launcher, nproc, tmp_path):
     """Rank 1 sleeps inside a step: the ranks waiting for it time out after DFIT_TIMEOUT and name it; rank 1
     says it stopped making progress and where; the job ends non-zero with nothing left running."""
-    from conftest import launch_env, run_job
 
     stamp, report = tmp_path / "stall", tmp_path / "report.log"
     extra = ["--error-report", str(report)] if launcher == "dfit-launch" else []
@@ -421,7 +373,6 @@ def _rank_of(pid: int) -> int | None:
 def test_a_killed_rank_or_a_terminated_launcher_ends_the_job_leaving_nothing(launcher, fault, tmp_path):
     """SIGKILL of one rank mid-training, or SIGTERM to the launcher: the launcher exits non-zero, says what
     happened, and no process of the job or port of its rendezvous is left."""
-    from conftest import _kill_job, launch_env
 
     tag = f"dfit-job-{uuid.uuid4().hex[:12]}"
     ready = tmp_path / "ready"
@@ -433,9 +384,9 @@ def test_a_killed_rank_or_a_terminated_launcher_ends_the_job_leaving_nothing(lau
     try:
         started = _wait(lambda: len(os.listdir(ready)) == 2 or proc.poll() is not None, timeout=120, step=0.2)
         assert started and proc.poll() is None, f"the job did not start training: {proc.stderr.read()[-3000:]}"
-        ports = _ports_of(_tagged(tag))
+        ports = ports_of(tagged_pids(tag))
         if fault == "sigkill-rank-1":
-            victim = next(p for p in _tagged(tag) if p != proc.pid and _rank_of(p) == 1)
+            victim = next(p for p in tagged_pids(tag) if p != proc.pid and _rank_of(p) == 1)
             os.kill(victim, signal.SIGKILL)
         else:
             proc.send_signal(signal.SIGTERM)
@@ -445,9 +396,9 @@ def test_a_killed_rank_or_a_terminated_launcher_ends_the_job_leaving_nothing(lau
         assert proc.returncode != 0, err[-3000:]
         want = "SIGKILL" if fault == "sigkill-rank-1" else "SIGTERM"
         assert want in err, err[-3000:]
-        assert _wait(lambda: not _tagged(tag), timeout=10), f"{launcher}: processes left: {_tagged(tag)}"
-        assert _wait(lambda: not ports & set(_listening().values()), timeout=5), \
-            f"{launcher}: ports still listening: {ports & set(_listening().values())}"
+        assert _wait(lambda: not tagged_pids(tag), timeout=10), f"{launcher}: processes left: {tagged_pids(tag)}"
+        assert _wait(lambda: not ports & set(listening_sockets().values()), timeout=5), \
+            f"{launcher}: ports still listening: {ports & set(listening_sockets().values())}"
         print(f"\n[{fault}] {launcher}: the launcher exited {proc.returncode} {took:.2f} s later; nothing left")
     finally:
         _kill_job(proc.pid, tag)

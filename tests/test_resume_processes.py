@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, _kill_job, launch_env, run_job
+from conftest import REPO, _kill_job, launch_env, run_job, tagged_pids
 from resume_job import relative_difference, train
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,19 +55,6 @@ def _wait_listening(port: int, proc: subprocess.Popen, timeout: float = 60) -> N
                 return
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.05)
-
-
-def _tagged(tag: str) -> list[int]:
-    """Live processes (not zombies) whose environment carries DFIT_TEST_JOB=tag."""
-    needle, found = f"DFIT_TEST_JOB={tag}".encode(), []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0") \
-                    and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def sigkill_run(tmp_path: Path, timeout: float = 200) -> tuple[subprocess.CompletedProcess, Path]:
@@ -152,7 +139,7 @@ def _two_node_job(tmp_path: Path, lose: int) -> tuple[list[subprocess.Popen], li
         for agent, tag in zip(agents, tags):
             _kill_job(agent.pid, tag)
             agent.wait(timeout=30)
-    assert not [pid for tag in tags for pid in _tagged(tag)], "a process of the job is left behind"
+    assert not [pid for tag in tags for pid in tagged_pids(tag)], "a process of the job is left behind"
     return agents, tags, errs
 
 

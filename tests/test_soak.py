@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from conftest import ports_of
 from ranks import run_ranks
 
 pytestmark = pytest.mark.timeout(400)
@@ -40,30 +41,6 @@ def _children() -> list[int]:
         if int(fields[1]) == me and fields[0] != "Z":
             found.append(int(entry))
     return found
-
-
-def _listening_ports() -> list[int]:
-    """TCP ports this process listens on (its socket fds matched against /proc/net/tcp*)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as fh:
-                rows = fh.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if cols[3] == "0A" and cols[9] in inodes:   # LISTEN
-                ports.append(int(cols[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def _soak(folder: str) -> dict:
@@ -115,7 +92,7 @@ def _soak(folder: str) -> dict:
     del model   # its DDP wrapper holds the process group (and so the store's socket)
     gc.collect()
     dfit.distributed.shutdown()
-    return {"rank": rank, "samples": samples, "children": leftovers, "ports": _listening_ports(),
+    return {"rank": rank, "samples": samples, "children": leftovers, "ports": sorted(ports_of([os.getpid()])),
             "master_port": int(os.environ["MASTER_PORT"]),
             "files": sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
             if rank == 0 else None}
